@@ -1,0 +1,17 @@
+"""lightning_optim: fast, inspectable optimizers for PyTorch Lightning.
+
+The optimizers work in plain PyTorch; the Lightning and Hydra pieces live in their own
+modules. See DESIGN.md for the data flow: partition -> optimizer -> statistics -> loggers.
+"""
+
+from .optim import SGD, Adagrad, Adam, AdamW, CoupledAdam, Lion, NAdam, RAdam, RMSprop, Yogi
+from .partition import param_groups, summarize
+from .registry import create_optimizer, optimizers
+from .validation import LightningOptimWarning
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "NAdam", "RAdam", "Lion", "Yogi", "CoupledAdam",
+    "param_groups", "summarize", "create_optimizer", "optimizers", "LightningOptimWarning",
+]

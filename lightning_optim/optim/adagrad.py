@@ -1,0 +1,60 @@
+"""AdaGrad: per-coordinate steps from the sum of all past squared gradients."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..validation import at_least
+from .base import Optimizer, zeros
+
+
+class Adagrad(Optimizer):
+    r"""AdaGrad, as ``torch.optim.Adagrad`` (dense gradients).
+
+    .. math::
+        g_t &= \nabla f(\theta_{t-1}) + \lambda \theta_{t-1}, \qquad
+        \eta_t = \frac{\eta}{1 + (t - 1)\, \delta} \\
+        s_t &= s_{t-1} + g_t^2 \quad (s_0 = \text{initial\_accumulator\_value}) \\
+        \theta_t &= \theta_{t-1} - \eta_t \, \frac{g_t}{\sqrt{s_t} + \epsilon}
+
+    Duchi, Hazan & Singer (2011), "Adaptive Subgradient Methods for Online Learning and
+    Stochastic Optimization", JMLR 12, the diagonal update of Sec. 1.1.
+
+    Args:
+        lr: :math:`\eta`. lr_decay: :math:`\delta`. weight_decay: L2 :math:`\lambda`.
+        initial_accumulator_value: :math:`s_0`. eps: :math:`\epsilon`. maximize, backend.
+
+    State: ``sum`` and ``step``.
+    """
+
+    rule = "adagrad"
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-2,
+        lr_decay: float = 0.0,
+        weight_decay: float = 0.0,
+        initial_accumulator_value: float = 0.0,
+        eps: float = 1e-10,
+        *,
+        maximize: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        defaults = dict(
+            lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+            initial_accumulator_value=initial_accumulator_value, eps=eps, maximize=maximize,
+        )
+        super().__init__(params, defaults, backend)
+
+    def _validate(self, h, owner):
+        h = super()._validate(h, owner)
+        h["lr_decay"] = at_least(owner, "lr_decay", h["lr_decay"])
+        h["initial_accumulator_value"] = at_least(owner, "initial_accumulator_value", h["initial_accumulator_value"])
+        return h
+
+    def _state_keys(self, group):
+        return ("sum",)
+
+    def _init_state(self, p, group):
+        return {"sum": zeros(p, group["initial_accumulator_value"])}

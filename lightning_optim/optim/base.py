@@ -1,0 +1,237 @@
+"""What every optimizer shares: validation, state, bucketing and backend dispatch. No math.
+
+A rule class says four things: its ``rule`` (the name of its function in every backend),
+``_validate`` (hyperparameter checks), ``_state_keys`` and ``_init_state`` (its state, with
+torch's key names). This class does the rest, the same way for all of them:
+
+1. ``step`` gathers the parameters that have a gradient into buckets by (device, dtype),
+   creating state lazily, and counts each parameter's ``step`` (a CPU float32 tensor, as
+   torch keeps it, so reading it never syncs a GPU);
+2. the resolved backend updates each bucket;
+3. ``load_state_dict`` checks the shapes of what it loads, keeps fp32 state for bf16/fp16
+   params (torch would cast it down to the param dtype), and fills options a torch
+   state dict does not carry.
+
+State of bf16/fp16 params is fp32: an EMA with beta2 = 0.999 moves by 0.1% a step,
+below bf16's resolution (0.4%), so low-precision moments would stop moving.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from ..validation import LightningOptimWarning, at_least, boolean
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+# Scalar state that stays a CPU float32 tensor whatever the param: torch's format.
+_SCALAR_KEYS = ("step", "mu_product")
+
+
+def state_dtype(p: Tensor) -> torch.dtype:
+    """The dtype the moments of ``p`` are kept in: fp32 for bf16/fp16 params."""
+    return torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
+
+
+def zeros(p: Tensor, fill: float = 0.0) -> Tensor:
+    return torch.full_like(p, fill, dtype=state_dtype(p), memory_format=torch.preserve_format)
+
+
+def scalar(value: float = 0.0) -> Tensor:
+    return torch.tensor(value, dtype=torch.float32)
+
+
+class Optimizer(torch.optim.Optimizer):
+    """Base class of the lightning_optim optimizers (a ``torch.optim.Optimizer``).
+
+    Args:
+        params: tensors, ``(name, tensor)`` pairs, or param-group dicts, as torch takes them.
+        defaults: the hyperparameters, validated by the subclass's ``_validate``.
+        backend: ``"auto"`` (foreach on every device torch supports), ``"reference"``,
+            ``"foreach"`` or ``"triton"``. Resolved once, here; see :mod:`..backends`.
+    """
+
+    rule: str = ""
+    couples: bool = False  # only CoupledAdam reads a group's ``coupled`` option
+
+    def __init__(self, params: Any, defaults: dict[str, Any], backend: str = "auto") -> None:
+        self._owner = type(self).__name__
+        self._warned: set[str] = set()
+        defaults = self._validate(dict(defaults), self._owner)
+        super().__init__(params, defaults)
+        self.backend = backends.resolve(self._owner, backend, chain.from_iterable(g["params"] for g in self.param_groups))
+        self._run = backends.runner(self.backend)
+
+    # ----- what a rule class provides -------------------------------------------------------
+
+    def _validate(self, h: dict[str, Any], owner: str) -> dict[str, Any]:
+        """Check and normalize the hyperparameters in ``h``; return it."""
+        h["lr"] = at_least(owner, "lr", h["lr"])
+        if "weight_decay" in h:
+            h["weight_decay"] = at_least(owner, "weight_decay", h["weight_decay"])
+        if "eps" in h:
+            h["eps"] = at_least(owner, "eps", h["eps"])
+        if "maximize" in h:
+            boolean(owner, "maximize", h["maximize"])
+        return h
+
+    def _rule(self, group: dict[str, Any]) -> str:
+        return self.rule
+
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        """The tensor state a step reads and writes, besides ``step``."""
+        raise NotImplementedError(f"{self._owner} must define its state keys")
+
+    def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        """Fresh state for ``p``, without ``step``: zeros unless the rule says otherwise."""
+        return {k: zeros(p) for k in self._state_keys(group)}
+
+    def _check_params(self, group: dict[str, Any]) -> None:
+        """Checks that need the group's tensors (e.g. shapes); raise ValueError."""
+
+    # ----- torch.optim.Optimizer ------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        name = param_group.get("name")
+        owner = f"{self._owner} group {name!r}" if name is not None else self._owner
+        options = {k: v for k, v in param_group.items() if k not in ("params", "param_names")}
+        param_group.update(self._validate({**self.defaults, **options}, owner))
+        super().add_param_group(param_group)
+        try:
+            self._check_params(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()
+            raise
+        if param_group.get("coupled", False) and not self.couples:
+            self._warn_once(
+                "coupled",
+                f"{owner} has coupled=True, but only CoupledAdam couples the second moment: here it "
+                "is an ordinary group. Use CoupledAdam, or param_groups(..., coupled=False).",
+            )
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            keys = self._state_keys(group)
+            buckets: dict[tuple, tuple[list, list, dict[str, list], list]] = {}
+            for i, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse:
+                    raise RuntimeError(
+                        f"{self._owner} does not support sparse gradients, but {self._param_name(group, i)} "
+                        "has one: build its module with sparse=False"
+                    )
+                state = self.state[p]
+                if not state:
+                    state.update(self._init_state(p, group))
+                    state["step"] = scalar()
+                bucket = buckets.get((p.device, p.dtype))
+                if bucket is None:
+                    bucket = buckets[(p.device, p.dtype)] = ([], [], {k: [] for k in keys}, [])
+                bucket[0].append(p)
+                bucket[1].append(g)
+                for k in keys:
+                    bucket[2][k].append(state[k])
+                bucket[3].append(state["step"])
+            rule = self._rule(group)
+            for params, grads, state_lists, step_tensors in buckets.values():
+                torch._foreach_add_(step_tensors, 1.0)
+                steps = torch.stack(step_tensors).tolist()
+                self._run(rule, params, grads, state_lists, steps, group)
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's loader, made strict about shapes and kind to low-precision state."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"{self._owner}.load_state_dict: the state dict has {len(saved_groups)} param groups "
+                f"({self._group_names(saved_groups)}), this optimizer has {len(self.param_groups)} "
+                f"({self._group_names(self.param_groups)}): was it saved with another partition?"
+            )
+        for i, (mine, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(mine["params"]) != len(saved["params"]):
+                raise ValueError(
+                    f"{self._owner}.load_state_dict: param group {i} ({mine.get('name', 'unnamed')!r}) has "
+                    f"{len(mine['params'])} params here but {len(saved['params'])} in the state dict"
+                )
+        # Match saved ids to our params in order, as torch does, and check every tensor's shape.
+        located = {}
+        for mine, saved in zip(self.param_groups, saved_groups):
+            for j, (pid, p) in enumerate(zip(saved["params"], mine["params"])):
+                located[pid] = (p, {**self.defaults, **saved}, mine, j)
+        for pid, entry in state_dict["state"].items():
+            if pid in located:
+                self._check_loaded(entry, *located[pid])
+        super().load_state_dict(state_dict)
+        for pid, entry in state_dict["state"].items():
+            if pid not in located:
+                continue
+            p = located[pid][0]
+            state = self.state[p]
+            for key, value in entry.items():
+                if not isinstance(value, Tensor):
+                    continue
+                if key in _SCALAR_KEYS:
+                    state[key] = value.detach().to(device="cpu", dtype=torch.float32, copy=True)
+                elif value.is_floating_point():
+                    state[key] = value.detach().to(device=p.device, dtype=state_dtype(p), copy=True)
+            if "step" not in state:
+                # torch.optim.SGD keeps no step; a loaded buffer means the first step is behind us.
+                state["step"] = scalar(1.0)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            owner = f"{self._owner} group {group.get('name', 'unnamed')!r}"
+            group.update(self._validate({k: v for k, v in group.items() if k not in ("params", "param_names")}, owner))
+
+    # ----- helpers ---------------------------------------------------------------------------
+
+    def _check_loaded(self, entry: dict, p: Tensor, group: dict, mine: dict, j: int) -> None:
+        if not entry:
+            return
+        expected = self._init_state(torch.empty_like(p, device="meta"), group)
+        for key, shape in ((k, v.shape) for k, v in expected.items()):
+            if key not in entry:
+                raise ValueError(
+                    f"{self._owner}.load_state_dict: {self._param_name(mine, j)} has no {key!r} in the "
+                    f"state dict (it has {sorted(entry)}): was it saved by another optimizer?"
+                )
+            got = entry[key]
+            if isinstance(got, Tensor) and got.shape != shape:
+                raise ValueError(
+                    f"{self._owner}.load_state_dict: {self._param_name(mine, j)} has {key} of shape "
+                    f"{list(got.shape)} in the state dict, expected {list(shape)}: was it saved with "
+                    "another model, partition or optimizer?"
+                )
+
+    def _param_name(self, group: dict, i: int) -> str:
+        names = group.get("param_names")
+        where = f"group {group['name']!r}" if "name" in group else "its group"
+        return f"parameter {names[i]!r}" if names else f"parameter {i} of {where}"
+
+    @staticmethod
+    def _group_names(groups: Iterable[dict]) -> str:
+        return ", ".join(str(g.get("name", "unnamed")) for g in groups)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, LightningOptimWarning, stacklevel=3)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_owner", type(self).__name__)
+        self.__dict__.setdefault("_warned", set())

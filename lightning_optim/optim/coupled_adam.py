@@ -1,0 +1,100 @@
+"""Coupled Adam: AdamW whose embedding rows share one second moment."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..validation import boolean, positive
+from .adam import AdamW
+from .base import Optimizer, zeros
+
+
+class CoupledAdam(AdamW):
+    r"""AdamW; in param groups with ``coupled=True`` the second moment is shared across dim 0.
+
+    For a coupled tensor :math:`E \in \mathbb{R}^{V \times H}` (V vocabulary rows):
+
+    .. math::
+        \bar v_t &= \beta_2 \bar v_{t-1} + (1 - \beta_2)\, \frac{1}{V} \sum_{i=1}^{V} g_{t,i}^2
+            \qquad (\bar v \in \mathbb{R}^{1 \times H}) \\
+        E_t &= (1 - \eta\lambda) E_{t-1} - \frac{\eta}{1 - \beta_1^t}\,
+              \frac{m_t}{\sqrt{c\, \bar v_t / (1 - \beta_2^t)} + \epsilon}
+              \quad \text{(broadcast over the rows)}
+
+    Stollenwerk & Stollenwerk (2025), "Better Embeddings with Coupled Adam",
+    arXiv:2502.08441, Sec. 4: Adam's per-row second moment makes rare tokens' embeddings
+    move more than frequent ones', the sum of updates does not cancel, and the mean
+    embedding drifts away from the origin (anisotropy). Averaging the second moment over
+    the vocabulary gives every row the same scale. The paper averages a full V x H
+    second moment; because the mean over rows commutes with the EMA, keeping only
+    :math:`\bar v` is exactly that, in H instead of V x H floats.
+
+    Groups without ``coupled=True`` are plain AdamW. :func:`lightning_optim.param_groups`
+    puts embeddings (and tied output heads) in a coupled group.
+
+    Args:
+        As :class:`AdamW`, plus group options ``coupled`` (default False) and
+        ``coupling_scale`` :math:`c` (default 1.0, saved in the state dict with the group).
+
+    State: ``exp_avg``, ``exp_avg_sq`` (shape ``(1, *shape[1:])`` in coupled groups),
+    ``max_exp_avg_sq`` (amsgrad), ``step``.
+    """
+
+    couples = True
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        bias_correction: bool = True,
+        coupled: bool = False,
+        coupling_scale: float = 1.0,
+        backend: str = "auto",
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            maximize=maximize, decoupled_weight_decay=True, bias_correction=bias_correction,
+            coupled=coupled, coupling_scale=coupling_scale,
+        )
+        Optimizer.__init__(self, params, defaults, backend)
+        if not any(g["coupled"] for g in self.param_groups):
+            self._warn_once(
+                "no_coupled_group",
+                "CoupledAdam has no param group with coupled=True, so it is plain AdamW. Pass "
+                "lightning_optim.param_groups(model), or mark the embedding group coupled=True.",
+            )
+
+    def _validate(self, h, owner):
+        h = super()._validate(h, owner)
+        boolean(owner, "coupled", h["coupled"])
+        h["coupling_scale"] = positive(owner, "coupling_scale", h["coupling_scale"])
+        return h
+
+    def _check_params(self, group):
+        if not group["coupled"]:
+            return
+        for i, p in enumerate(group["params"]):
+            if p.dim() < 2:
+                raise ValueError(
+                    f"CoupledAdam: coupled groups must be 2-D or wider, but {self._param_name(group, i)} "
+                    f"has shape {list(p.shape)}: the second moment is shared across dim 0 (the "
+                    "vocabulary rows), which a vector does not have. Leave it out of the coupled group."
+                )
+
+    def _rule(self, group):
+        return "coupled_adam" if group["coupled"] else "adam"
+
+    def _init_state(self, p, group):
+        state = super()._init_state(p, group)
+        if group["coupled"]:
+            row = zeros(p[:1])
+            state["exp_avg_sq"] = row
+            if group["amsgrad"]:
+                state["max_exp_avg_sq"] = row.clone()
+        return state

@@ -1,0 +1,67 @@
+"""NAdam: Adam with Nesterov momentum."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..validation import at_least, boolean
+from ..validation import betas as check_betas
+from .base import Optimizer, scalar, zeros
+
+
+class NAdam(Optimizer):
+    r"""NAdam, as ``torch.optim.NAdam``.
+
+    .. math::
+        \mu_t &= \beta_1 \left(1 - \tfrac12\, 0.96^{t \psi}\right), \qquad
+        \Pi_t = \textstyle\prod_{i \le t} \mu_i \\
+        m_t &= \beta_1 m_{t-1} + (1 - \beta_1) g_t, \qquad
+        v_t = \beta_2 v_{t-1} + (1 - \beta_2) g_t^2, \qquad
+        d_t = \sqrt{v_t / (1 - \beta_2^t)} + \epsilon \\
+        \theta_t &= \theta_{t-1} - \eta\, \frac{1 - \mu_t}{1 - \Pi_t} \frac{g_t}{d_t}
+                   - \eta\, \frac{\mu_{t+1}}{1 - \Pi_t \mu_{t+1}} \frac{m_t}{d_t}
+
+    Dozat (2016), "Incorporating Nesterov Momentum into Adam", ICLR workshop, Algorithm 2,
+    with the momentum schedule :math:`\mu_t` of its Sec. 3 (:math:`\psi` =
+    ``momentum_decay``). ``decoupled_weight_decay=True`` gives NAdamW.
+
+    Args:
+        lr, betas, eps, weight_decay, momentum_decay: :math:`\psi`,
+        decoupled_weight_decay, maximize, backend.
+
+    State: ``exp_avg``, ``exp_avg_sq``, ``mu_product`` (:math:`\Pi_t`, a float32 scalar), ``step``.
+    """
+
+    rule = "nadam"
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 2e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        momentum_decay: float = 4e-3,
+        decoupled_weight_decay: bool = False,
+        *,
+        maximize: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum_decay=momentum_decay,
+            decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
+        )
+        super().__init__(params, defaults, backend)
+
+    def _validate(self, h, owner):
+        h = super()._validate(h, owner)
+        h["betas"] = check_betas(owner, h["betas"])
+        h["momentum_decay"] = at_least(owner, "momentum_decay", h["momentum_decay"])
+        boolean(owner, "decoupled_weight_decay", h["decoupled_weight_decay"])
+        return h
+
+    def _state_keys(self, group):
+        return ("exp_avg", "exp_avg_sq", "mu_product")
+
+    def _init_state(self, p, group):
+        return {"exp_avg": zeros(p), "exp_avg_sq": zeros(p), "mu_product": scalar(1.0)}

@@ -1,0 +1,62 @@
+"""RAdam: Adam with the variance of its adaptive rate rectified."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..validation import boolean
+from ..validation import betas as check_betas
+from .base import Optimizer
+
+
+class RAdam(Optimizer):
+    r"""RAdam, as ``torch.optim.RAdam``.
+
+    .. math::
+        \rho_\infty &= \frac{2}{1 - \beta_2} - 1, \qquad
+        \rho_t = \rho_\infty - \frac{2 t \beta_2^t}{1 - \beta_2^t} \\
+        \theta_t &= \theta_{t-1} - \eta\, \hat m_t \cdot
+        \begin{cases}
+          r_t \, \dfrac{\sqrt{1 - \beta_2^t}}{\sqrt{v_t} + \epsilon}, &
+          r_t = \sqrt{\dfrac{(\rho_t - 4)(\rho_t - 2)\rho_\infty}{(\rho_\infty - 4)(\rho_\infty - 2)\rho_t}}
+          \quad \text{if } \rho_t > 5 \\
+          1 & \text{otherwise (momentum SGD while the variance is intractable)}
+        \end{cases}
+
+    Liu et al. (2020), "On the Variance of the Adaptive Learning Rate and Beyond", ICLR,
+    Algorithm 2. ``decoupled_weight_decay=True`` gives RAdamW.
+
+    Args:
+        lr, betas, eps, weight_decay, decoupled_weight_decay, maximize, backend.
+
+    State: ``exp_avg``, ``exp_avg_sq``, ``step``.
+    """
+
+    rule = "radam"
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = False,
+        *,
+        maximize: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
+        )
+        super().__init__(params, defaults, backend)
+
+    def _validate(self, h, owner):
+        h = super()._validate(h, owner)
+        h["betas"] = check_betas(owner, h["betas"])
+        boolean(owner, "decoupled_weight_decay", h["decoupled_weight_decay"])
+        return h
+
+    def _state_keys(self, group):
+        return ("exp_avg", "exp_avg_sq")

@@ -1,0 +1,68 @@
+"""RMSProp: steps scaled by a moving average of squared gradients."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..validation import at_least, boolean
+from .base import Optimizer
+
+
+class RMSprop(Optimizer):
+    r"""RMSProp, as ``torch.optim.RMSprop``.
+
+    .. math::
+        g_t &= \nabla f(\theta_{t-1}) + \lambda \theta_{t-1} \\
+        s_t &= \alpha s_{t-1} + (1 - \alpha) g_t^2, \qquad
+        \bar g_t = \alpha \bar g_{t-1} + (1 - \alpha) g_t \ \text{(centered)} \\
+        d_t &= \sqrt{s_t - \bar g_t^2 \text{ (centered) }} + \epsilon \\
+        b_t &= \mu b_{t-1} + g_t / d_t, \qquad
+        \theta_t = \theta_{t-1} - \eta\, b_t \quad (\mu = 0: \ \theta_t = \theta_{t-1} - \eta\, g_t / d_t)
+
+    Hinton, Srivastava & Swersky (2012), "Neural Networks for Machine Learning", lecture
+    6e; the centered variant from Graves (2013), "Generating Sequences With Recurrent
+    Neural Networks", eq. 38-45.
+
+    Args:
+        lr: :math:`\eta`. alpha: :math:`\alpha`, the smoothing constant. eps:
+        :math:`\epsilon`. weight_decay: L2 :math:`\lambda`. momentum: :math:`\mu`.
+        centered: normalize by the estimated variance. maximize, backend.
+
+    State: ``square_avg``, ``momentum_buffer`` (momentum > 0), ``grad_avg`` (centered), ``step``.
+    """
+
+    rule = "rmsprop"
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-2,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        momentum: float = 0.0,
+        centered: bool = False,
+        *,
+        maximize: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        defaults = dict(
+            lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
+            centered=centered, maximize=maximize,
+        )
+        super().__init__(params, defaults, backend)
+
+    def _validate(self, h, owner):
+        h = super()._validate(h, owner)
+        h["alpha"] = at_least(owner, "alpha", h["alpha"])
+        h["momentum"] = at_least(owner, "momentum", h["momentum"])
+        boolean(owner, "centered", h["centered"])
+        return h
+
+    def _state_keys(self, group):
+        keys = ("square_avg",)
+        if group["momentum"] > 0:
+            keys += ("momentum_buffer",)
+        if group["centered"]:
+            keys += ("grad_avg",)
+        return keys

@@ -1,0 +1,66 @@
+"""Stochastic gradient descent, with heavy-ball or Nesterov momentum."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..validation import at_least, boolean, invalid
+from .base import Optimizer
+
+
+class SGD(Optimizer):
+    r"""SGD with optional momentum, as ``torch.optim.SGD``.
+
+    .. math::
+        g_t &= \nabla f(\theta_{t-1}) + \lambda \theta_{t-1} \\
+        b_t &= \mu b_{t-1} + (1 - \tau) g_t \quad (b_1 = g_1) \\
+        \theta_t &= \theta_{t-1} - \eta \, (g_t + \mu b_t \text{ if nesterov else } b_t)
+
+    Momentum: Polyak (1964), "Some methods of speeding up the convergence of iteration
+    methods"; the Nesterov form as in Sutskever et al. (2013), "On the importance of
+    initialization and momentum in deep learning", eq. 3-4. Registry names: ``sgd``,
+    ``momentum`` (momentum=0.9), ``nesterov`` (momentum=0.9, nesterov=True).
+
+    Args:
+        lr: :math:`\eta`. momentum: :math:`\mu`. dampening: :math:`\tau` (not applied on
+        the first step). weight_decay: L2 penalty :math:`\lambda` added to the gradient.
+        nesterov: use the look-ahead form (needs momentum > 0 and dampening = 0).
+        maximize: ascend instead. backend: see :mod:`lightning_optim.backends`.
+
+    State: ``momentum_buffer`` (when momentum != 0) and ``step``.
+    """
+
+    rule = "sgd"
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        defaults = dict(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+            nesterov=nesterov, maximize=maximize,
+        )
+        super().__init__(params, defaults, backend)
+
+    def _validate(self, h, owner):
+        h = super()._validate(h, owner)
+        h["momentum"] = at_least(owner, "momentum", h["momentum"])
+        h["dampening"] = at_least(owner, "dampening", h["dampening"])
+        if boolean(owner, "nesterov", h["nesterov"]) and (h["momentum"] <= 0 or h["dampening"] != 0):
+            raise invalid(
+                owner, "nesterov", True,
+                f"Nesterov momentum needs momentum > 0 and dampening = 0 (got momentum={h['momentum']!r}, "
+                f"dampening={h['dampening']!r})",
+            )
+        return h
+
+    def _state_keys(self, group):
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()

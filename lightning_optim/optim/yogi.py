@@ -1,0 +1,67 @@
+"""Yogi: Adam whose second moment moves additively, by the sign of the error."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..validation import at_least
+from ..validation import betas as check_betas
+from .base import Optimizer, zeros
+
+
+class Yogi(Optimizer):
+    r"""Yogi.
+
+    .. math::
+        m_t &= \beta_1 m_{t-1} + (1 - \beta_1) g_t \\
+        v_t &= v_{t-1} - (1 - \beta_2)\, \mathrm{sign}(v_{t-1} - g_t^2)\, g_t^2
+            \qquad (v_0 = \text{initial\_accumulator\_value}) \\
+        \theta_t &= (1 - \eta\lambda)\, \theta_{t-1} - \frac{\eta}{1 - \beta_1^t}\,
+                   \frac{m_t}{\sqrt{v_t / (1 - \beta_2^t)} + \epsilon}
+
+    Zaheer et al. (2018), "Adaptive Methods for Nonconvex Optimization", NeurIPS,
+    Algorithm 2. Adam's :math:`v` moves multiplicatively toward :math:`g^2`, so one rare
+    huge gradient inflates it at once and then it forgets fast; Yogi's additive step
+    changes :math:`v` by at most :math:`(1-\beta_2) g^2` whichever way, which controls the
+    effective learning rate under heavy-tailed gradients. Bias-corrected like Adam; weight
+    decay is decoupled.
+
+    Args:
+        lr: default 1e-2. betas: default (0.9, 0.999). eps: default 1e-3 (the paper's
+        choice; larger than Adam's because v starts tiny). initial_accumulator_value:
+        :math:`v_0`, default 1e-6. weight_decay: decoupled :math:`\lambda`. maximize, backend.
+
+    State: ``exp_avg``, ``exp_avg_sq``, ``step``.
+    """
+
+    rule = "yogi"
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-2,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-3,
+        initial_accumulator_value: float = 1e-6,
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, initial_accumulator_value=initial_accumulator_value,
+            weight_decay=weight_decay, maximize=maximize,
+        )
+        super().__init__(params, defaults, backend)
+
+    def _validate(self, h, owner):
+        h = super()._validate(h, owner)
+        h["betas"] = check_betas(owner, h["betas"])
+        h["initial_accumulator_value"] = at_least(owner, "initial_accumulator_value", h["initial_accumulator_value"])
+        return h
+
+    def _state_keys(self, group):
+        return ("exp_avg", "exp_avg_sq")
+
+    def _init_state(self, p, group):
+        return {"exp_avg": zeros(p), "exp_avg_sq": zeros(p, group["initial_accumulator_value"])}

@@ -1,0 +1,82 @@
+"""Input checks shared by the optimizers, the partition and the config schema.
+
+Every check raises :class:`ValueError` whose message names the field and quotes the
+value, e.g. ``AdamW: lr=-0.001 is invalid: must be >= 0``. Tests match on that shape,
+so keep it when adding checks.
+"""
+
+from __future__ import annotations
+
+import difflib
+import numbers
+from collections.abc import Iterable
+from typing import Any
+
+
+class LightningOptimWarning(UserWarning):
+    """Warnings about a configuration that runs, but maybe not as the user expects."""
+
+
+def invalid(owner: str, field: str, value: Any, requirement: str) -> ValueError:
+    """Build the one error shape used everywhere: owner, field, quoted value, requirement."""
+    return ValueError(f"{owner}: {field}={value!r} is invalid: {requirement}")
+
+
+def number(owner: str, field: str, value: Any) -> float:
+    """Return ``value`` as a float, or raise if it is not a real number (bools are not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise invalid(owner, field, value, "must be a number")
+    return float(value)
+
+
+def at_least(owner: str, field: str, value: Any, low: float = 0.0) -> float:
+    v = number(owner, field, value)
+    if not v >= low:  # also rejects NaN
+        raise invalid(owner, field, value, f"must be >= {low:g}")
+    return v
+
+
+def positive(owner: str, field: str, value: Any) -> float:
+    v = number(owner, field, value)
+    if not v > 0:
+        raise invalid(owner, field, value, "must be > 0")
+    return v
+
+
+def unit_interval(owner: str, field: str, value: Any, *, closed: bool = False) -> float:
+    """``value`` in [0, 1), or [0, 1] when ``closed``."""
+    v = number(owner, field, value)
+    ok = 0.0 <= v <= 1.0 if closed else 0.0 <= v < 1.0
+    if not ok:
+        raise invalid(owner, field, value, "must be in [0, 1]" if closed else "must be in [0, 1)")
+    return v
+
+
+def betas(owner: str, value: Any) -> tuple[float, float]:
+    """A pair ``(beta1, beta2)``, each in [0, 1). Lists (from YAML) become tuples."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise invalid(owner, "betas", value, "must be a pair (beta1, beta2)")
+    pair = tuple(value)
+    if len(pair) != 2:
+        raise invalid(owner, "betas", value, "must be a pair (beta1, beta2)")
+    return (unit_interval(owner, "betas[0]", pair[0]), unit_interval(owner, "betas[1]", pair[1]))
+
+
+def boolean(owner: str, field: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise invalid(owner, field, value, "must be true or false")
+    return value
+
+
+def choice(owner: str, field: str, value: Any, options: Iterable[str]) -> str:
+    """``value`` must be one of ``options``; the message suggests the closest ones."""
+    options = list(options)
+    if value in options:
+        return value
+    raise invalid(owner, field, value, f"must be one of {', '.join(options)}{suggest(value, options)}")
+
+
+def suggest(value: Any, options: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` when something in ``options`` is close to ``value``."""
+    close = difflib.get_close_matches(str(value), list(options), n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
