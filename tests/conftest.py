@@ -1,0 +1,24 @@
+"""Shared helpers for the optimizer tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def assert_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "") -> None:
+    """max|a - e| <= tol * max|e|: relative to the tensor's scale, so near-zero entries
+    don't turn one rounding step into a huge elementwise ratio."""
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    a, e = actual.detach().double(), expected.detach().double()
+    if e.numel() == 0:
+        return
+    err = (a - e).abs().max().item()
+    scale = max(e.abs().max().item(), 1e-30)
+    assert err <= tol * scale, f"{what}: max abs error {err:.3e} > {tol:g} * {scale:.3e}"
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
