@@ -16,7 +16,8 @@ and then, so embeddings are not decayed (minGPT's and the original nanoGPT's
 ``configure_optimizers``, after GPT-2). ``coupled=True`` marks the group for ``CoupledAdam``:
 Adam's per-coordinate second moment makes all embedding vectors drift in a common direction,
 and sharing it over the vocabulary removes that (Stollenwerk & Stollenwerk 2025, "Better
-Embeddings with Coupled Adam", arXiv:2502.08441). Other optimizers ignore the key.
+Embeddings with Coupled Adam", arXiv:2502.08441). Other optimizers warn once that they treat
+it as an ordinary group; ``create_optimizer(name, model)`` sets it only for CoupledAdam.
 
 Rules come before the defaults and the first matching rule wins, like optax labels. A rule's
 group gets exactly the options the rule gives: it does not inherit the ``embedding`` or

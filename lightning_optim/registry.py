@@ -101,3 +101,13 @@ def _entry(name: Any) -> Entry:
     if name not in REGISTRY:
         raise invalid("optimizer", "name", name, f"must be one of {', '.join(REGISTRY)}{suggest(name, REGISTRY)}")
     return REGISTRY[name]
+
+
+def markdown_table() -> str:
+    """The README's table of registry names and their options with defaults (a test keeps
+    the README in step with this)."""
+    rows = ["| name | class | options (defaults) | rule |", "|---|---|---|---|"]
+    for name, entry in REGISTRY.items():
+        opts = ", ".join(f"`{k}={v!r}`" for k, v in options(name).items() if k != "backend")
+        rows.append(f"| `{name}` | `{entry.cls.__name__}` | {opts} | {entry.summary} |")
+    return "\n".join(rows)

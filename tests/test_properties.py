@@ -113,11 +113,12 @@ def test_rmsprop_step_by_hand(backend):
 def test_loss_falls_on_a_quadratic(name):
     """Every rule, at its registry defaults except lr, makes progress on a convex quadratic."""
     gen = torch.Generator().manual_seed(0)
-    scales = torch.linspace(0.5, 2.0, 32)
-    target = torch.randn(32, generator=gen)
-    x = torch.zeros(32, requires_grad=True)
-    lr = {"lion": 1e-2, "sgd": 0.1, "momentum": 0.05, "nesterov": 0.05, "adagrad": 0.5}.get(name, 0.05)
-    opt = lo.create_optimizer({"name": name, "lr": lr}, [x])
+    scales = torch.linspace(0.5, 2.0, 32).reshape(8, 4)
+    target = torch.randn(8, 4, generator=gen)
+    x = torch.zeros(8, 4, requires_grad=True)
+    lr = {"lion": 2e-2, "sgd": 0.1, "momentum": 0.05, "nesterov": 0.05, "adagrad": 0.5}.get(name, 0.05)
+    # CoupledAdam couples the matrix's rows, as it would an embedding's.
+    opt = lo.create_optimizer({"name": name, "lr": lr}, [{"params": [x], "coupled": name == "coupled_adam"}])
 
     def loss():
         return 0.5 * (scales * (x - target) ** 2).sum()
