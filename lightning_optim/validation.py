@@ -78,5 +78,8 @@ def choice(owner: str, field: str, value: Any, options: Iterable[str]) -> str:
 
 def suggest(value: Any, options: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` when something in ``options`` is close to ``value``."""
-    close = difflib.get_close_matches(str(value), list(options), n=3, cutoff=0.6)
+    # difflib.get_close_matches breaks ties in reverse alphabetical order; keep the
+    # options' own order instead, so 'adamx' suggests 'adam' and 'adamw' before 'radam'.
+    scored = [(difflib.SequenceMatcher(None, str(value), o).ratio(), i, o) for i, o in enumerate(options)]
+    close = [o for r, _, o in sorted(scored, key=lambda x: (-x[0], x[1])) if r >= 0.6][:3]
     return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""

@@ -59,6 +59,9 @@ class Optimizer(torch.optim.Optimizer):
 
     rule: str = ""
     couples: bool = False  # only CoupledAdam reads a group's ``coupled`` option
+    # Group options that decide the shape of the state: a state dict must agree on them, as
+    # it would otherwise silently change what the group does (torch lets saved options win).
+    structural: tuple[str, ...] = ()
 
     def __init__(self, params: Any, defaults: dict[str, Any], backend: str = "auto") -> None:
         self._owner = type(self).__name__
@@ -170,6 +173,13 @@ class Optimizer(torch.optim.Optimizer):
         # Match saved ids to our params in order, as torch does, and check every tensor's shape.
         located = {}
         for mine, saved in zip(self.param_groups, saved_groups):
+            for key in self.structural:
+                if saved.get(key, self.defaults[key]) != mine[key]:
+                    raise ValueError(
+                        f"{self._owner}.load_state_dict: param group {mine.get('name', 'unnamed')!r} has "
+                        f"{key}={mine[key]!r} here but {key}={saved.get(key, self.defaults[key])!r} in the "
+                        "state dict: was it saved with another partition?"
+                    )
             for j, (pid, p) in enumerate(zip(saved["params"], mine["params"])):
                 located[pid] = (p, {**self.defaults, **saved}, mine, j)
         for pid, entry in state_dict["state"].items():
@@ -196,6 +206,7 @@ class Optimizer(torch.optim.Optimizer):
                 group.setdefault(key, value)
             owner = f"{self._owner} group {group.get('name', 'unnamed')!r}"
             group.update(self._validate({k: v for k, v in group.items() if k not in ("params", "param_names")}, owner))
+            self._check_params(group)
 
     # ----- helpers ---------------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ class CoupledAdam(AdamW):
     """
 
     couples = True
+    structural = ("coupled",)
 
     def __init__(
         self,
