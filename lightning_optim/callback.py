@@ -1,0 +1,294 @@
+"""``OptimizerCallback``: the optimizer, schedule, clipping and accumulation for any LightningModule.
+
+What it does, in the order Lightning calls it:
+
+1. ``setup``: refuses what cannot work (manual optimization, the Trainer's own
+   ``gradient_clip_val`` or ``accumulate_grad_batches`` next to ours) and puts its own
+   ``configure_optimizers`` on the module, so that Lightning builds our optimizer.
+2. ``configure_optimizers`` (ours): splits the module with :func:`param_groups`, builds the
+   optimizer from the registry and the LR schedule, and logs once what it replaced.
+   The optimizer's ``step`` is wrapped so that a step can be skipped and the schedule
+   advances only with steps actually taken.
+3. ``on_train_batch_start``: sets ``trainer.accumulate_grad_batches`` from the
+   accumulation schedule (see :mod:`lightning_optim.accumulation`).
+4. ``on_before_optimizer_step`` (grads complete, and unscaled under 16-mixed): rescales a
+   window cut short by the epoch end, clips, checks for non-finite gradients (the one host
+   sync of a step) and logs the pre-clip norms.
+5. ``state_dict``: the schedule, the clip counters, the accumulation position and the count
+   of steps taken, so a resumed run continues exactly.
+
+The LR schedule is stepped by this callback after each step taken, not by Lightning, so a
+skipped step leaves it unchanged; it is therefore not in ``trainer.lr_scheduler_configs``,
+and the callback logs ``optim/lr/<group>`` itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from typing_extensions import override
+
+from .accumulation import Accumulator
+from .config import accumulation_config, clipping_config, optimizer_config, partition_config, scheduler_config
+from .partition import param_groups, summarize
+from .registry import REGISTRY, create_optimizer
+from .schedules import build_scheduler, describe
+
+log = logging.getLogger("lightning_optim")
+
+
+class OptimizerCallback(Callback):
+    """Plug a lightning_optim optimizer, LR schedule, clipping and accumulation into a LightningModule.
+
+    Each argument takes the mapping of its Hydra config node, a name, or the dataclass of
+    :mod:`lightning_optim.config`::
+
+        OptimizerCallback(
+            optimizer={"name": "coupled_adam", "lr": 3e-4, "betas": [0.9, 0.95]},
+            scheduler={"name": "warmup_cosine", "warmup_steps": 100},
+            clipping={"mode": "norm", "max_norm": 1.0},
+            accumulation={0: 1, 200: 4},
+            partition={"rules": [{"match": "lm_head.*", "lr": 1e-4}]},
+        )
+
+    Everything is checked here, before training starts. The module's own
+    ``configure_optimizers`` (if any) is replaced; the log says what it returned.
+    Manual optimization is not supported: it raises in ``setup``.
+    """
+
+    def __init__(
+        self,
+        optimizer: Any = "adamw",
+        scheduler: Any = None,
+        clipping: Any = None,
+        accumulation: Any = None,
+        partition: Any = None,
+    ) -> None:
+        super().__init__()
+        self.optimizer_config = optimizer_config(optimizer)
+        self.scheduler_config = scheduler_config(scheduler) if scheduler is not None else None
+        self.clipping_config = clipping_config(clipping)
+        self.accumulation_config = accumulation_config(accumulation)
+        self.partition_config = partition_config(partition)
+        self.clipper = self.clipping_config.build()
+        schedule = self.accumulation_config.build()
+        self.accumulator = None if schedule.points == {0: 1} else Accumulator(schedule)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.steps_taken = 0
+        self._skip = False
+        self._pending_state: dict[str, Any] | None = None
+
+    # ----- setup --------------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not pl_module.automatic_optimization:
+            raise ValueError(
+                "OptimizerCallback: automatic_optimization=False is not supported: with manual "
+                "optimization your training_step calls the optimizer itself, so the callback cannot "
+                "clip, skip or accumulate around it. Use automatic optimization, or build the "
+                "optimizer with lightning_optim.create_optimizer(config, self) in configure_optimizers."
+            )
+        if trainer.gradient_clip_val is not None and self.clipping_config.mode != "none":
+            raise ValueError(
+                f"OptimizerCallback: Trainer(gradient_clip_val={trainer.gradient_clip_val!r}) and "
+                f"clipping mode {self.clipping_config.mode!r} are both set: choose one. Drop "
+                "gradient_clip_val, or pass clipping={'mode': 'none'}."
+            )
+        if self.accumulator is not None and trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                f"OptimizerCallback: Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches!r}) "
+                f"and an accumulation schedule ({self.accumulator.schedule.describe()}) are both set: "
+                "choose one."
+            )
+        self._install(pl_module)
+
+    def _install(self, pl_module: pl.LightningModule) -> None:
+        """Put our configure_optimizers on the module (once per module)."""
+        current = pl_module.configure_optimizers
+        if getattr(current, "_lightning_optim_callback", None) is self:
+            return
+        # A second fit() finds an earlier callback's function in place: reach for the module's own.
+        original = getattr(current, "_lightning_optim_original", current)
+        overridden = original is not current or is_overridden("configure_optimizers", pl_module)
+        callback = self
+
+        def configure_optimizers() -> Any:
+            return callback._configure(pl_module.trainer, pl_module, original if overridden else None)
+
+        # An instance attribute wins over the class method, and Lightning's override check
+        # compares code objects, so a module without configure_optimizers passes it too.
+        configure_optimizers._lightning_optim_original = original  # type: ignore[attr-defined]
+        configure_optimizers._lightning_optim_callback = self  # type: ignore[attr-defined]
+        pl_module.configure_optimizers = configure_optimizers
+
+    # Lightning checks that configure_optimizers exists before any callback hook runs, but it
+    # first hands every callback the module's ``log`` (``_attach_model_logging_functions``).
+    # That assignment is the earliest moment the callback sees the module, so install there;
+    # ``setup`` installs again in case a future Lightning stops doing it.
+    @property
+    def log(self) -> Any:
+        return self.__dict__.get("_log")
+
+    @log.setter
+    def log(self, fn: Any) -> None:
+        self.__dict__["_log"] = fn
+        module = getattr(fn, "__self__", None)
+        if isinstance(module, pl.LightningModule):
+            self._install(module)
+
+    def _configure(self, trainer: pl.Trainer, module: pl.LightningModule, original: Any) -> Any:
+        cfg, part = self.optimizer_config, self.partition_config
+        cls = REGISTRY[cfg.name].cls
+        groups = param_groups(
+            module, rules=part.rules, weight_decay=part.weight_decay,
+            coupled=cls.couples if part.coupled is None else part.coupled,
+        )
+        optimizer = create_optimizer(cfg.name, groups, **cfg.kwargs())
+        replaced = _describe(original()) if original is not None else None
+        self.optimizer = optimizer
+        self._wrap_step(optimizer)
+        if self.scheduler_config is not None:
+            total = self.scheduler_config.total_steps or self._total_steps(trainer)
+            self.scheduler = build_scheduler(optimizer, self.scheduler_config.name, **self.scheduler_config.options(total))
+        self._apply_pending_state()
+        what = f"{type(optimizer).__name__}({', '.join(f'{k}={v}' for k, v in cfg.kwargs().items())}) over {summarize(groups)}"
+        if self.scheduler_config is not None:
+            what += f"; schedule {describe(self.scheduler_config.name, **self.scheduler_config.options(total))}"
+        what += f"; clipping {self.clipper.describe()}"
+        if self.accumulator is not None:
+            what += f"; {self.accumulator.schedule.describe()}"
+        if replaced is None:
+            rank_zero_info(f"OptimizerCallback: the module defines no configure_optimizers(); using {what}")
+        else:
+            rank_zero_info(f"OptimizerCallback: replacing the module's configure_optimizers() result ({replaced}) with {what}")
+        return optimizer
+
+    def _total_steps(self, trainer: pl.Trainer) -> int:
+        """Optimizer steps in the whole run, for a schedule given no ``total_steps``."""
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            return trainer.max_steps
+        estimated = trainer.estimated_stepping_batches  # also sizes the train dataloader
+        if self.accumulator is None:
+            return int(estimated)
+        batches = trainer.num_training_batches
+        if trainer.max_epochs is None or trainer.max_epochs < 0 or batches == float("inf"):
+            raise ValueError(
+                f"OptimizerCallback: scheduler {self.scheduler_config.name!r} needs total_steps, and this "
+                "run has neither max_steps nor a finite max_epochs: set scheduler.total_steps."
+            )
+        return self.accumulator.count_steps(int(batches), int(trainer.max_epochs))
+
+    def _wrap_step(self, optimizer: torch.optim.Optimizer) -> None:
+        inner = optimizer.step
+        callback = self
+
+        def step(self: torch.optim.Optimizer, closure: Any = None, **kwargs: Any) -> Any:
+            # The closure runs forward, backward and on_before_optimizer_step, where the
+            # skip decision is made; under 16-mixed the scaler calls us without a closure.
+            loss = closure() if closure is not None else None
+            if callback._skip:
+                return loss
+            inner(**kwargs)
+            callback.steps_taken += 1
+            if callback.scheduler is not None:
+                callback.scheduler.step()
+            return loss
+
+        optimizer.step = types.MethodType(step, optimizer)
+
+    # ----- around each step ---------------------------------------------------------------
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.accumulator is not None:
+            trainer.accumulate_grad_batches = self.accumulator.on_batch_start(
+                batch_idx, self.steps_taken, trainer.current_epoch
+            )
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        if self.accumulator is not None:
+            scale = self.accumulator.partial_window_scale()
+            if scale != 1.0:
+                grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+                torch._foreach_mul_(grads, scale)
+        report = self.clipper.clip_(optimizer)
+        self._skip = self.clipper.should_skip(report)
+        metrics: dict[str, Any] = {"optim/grad_norm_total": report.total_norm}
+        for name, norm in report.group_norms.items():
+            metrics[f"optim/grad_norm/{name}"] = norm
+            metrics[f"optim/clipped/{name}"] = report.clipped[name].float()
+        for i, group in enumerate(optimizer.param_groups):
+            metrics[f"optim/lr/{group.get('name', f'group{i}')}"] = float(group["lr"])
+        metrics["optim/skipped_steps"] = float(self.clipper.skipped_steps)
+        metrics["optim/clipped_steps"] = float(self.clipper.clipped_steps)
+        if self.accumulator is not None:
+            metrics["optim/accumulation"] = float(self.accumulator.size)
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+
+    # ----- checkpoints --------------------------------------------------------------------
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "steps_taken": self.steps_taken,
+            "clipper": self.clipper.state_dict(),
+            "accumulator": self.accumulator.state_dict() if self.accumulator is not None else None,
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "optimizer_name": self.optimizer_config.name,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("optimizer_name")
+        if saved is not None and saved != self.optimizer_config.name:
+            raise ValueError(
+                f"OptimizerCallback: the checkpoint was trained with optimizer {saved!r}, this run "
+                f"asks for {self.optimizer_config.name!r}: their states are not interchangeable."
+            )
+        self._pending_state = dict(state_dict)
+        if self.optimizer is not None:  # strategies that restore after setup
+            self._apply_pending_state()
+
+    def _apply_pending_state(self) -> None:
+        state, self._pending_state = self._pending_state, None
+        if state is None:
+            return
+        self.steps_taken = int(state["steps_taken"])
+        self.clipper.load_state_dict(state["clipper"])
+        if self.accumulator is not None and state.get("accumulator") is not None:
+            self.accumulator.load_state_dict(state["accumulator"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+
+
+def _describe(result: Any) -> str:
+    """Name what a configure_optimizers() returned: optimizers and schedulers by class."""
+    if result is None:
+        return "None"
+    if isinstance(result, torch.optim.Optimizer):
+        return type(result).__name__
+    if isinstance(result, torch.optim.lr_scheduler.LRScheduler):
+        return type(result).__name__
+    if isinstance(result, dict):
+        parts = [_describe(result.get("optimizer"))]
+        sched = result.get("lr_scheduler")
+        if isinstance(sched, dict):
+            sched = sched.get("scheduler")
+        if sched is not None:
+            parts.append(_describe(sched))
+        return " + ".join(parts)
+    if isinstance(result, (list, tuple)):
+        return " + ".join(_describe(r) for r in result)
+    return type(result).__name__

@@ -1,0 +1,226 @@
+"""The config schema: one dataclass per concern, shared by the Python API and Hydra.
+
+``OptimizerCallback(optimizer={"name": "coupled_adam", "lr": 3e-4})`` and the Hydra
+override ``optimizer=coupled_adam optimizer.lr=3e-4`` go through the same dataclass, so a
+value is checked the same way on both paths: when the config is built, before training.
+Hydra additionally rejects unknown keys and wrong types at compose time, because these
+dataclasses are its structured-config schema (registered by :mod:`lightning_optim.train`).
+
+Each ``*_config(value)`` function takes what a user may pass (None, a registry name, a
+mapping, an int for accumulation, or the dataclass) and returns the checked dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from . import registry
+from .accumulation import AccumulationSchedule
+from .clipping import GradientClipper
+from .schedules import SCHEDULES, check_schedule
+from .validation import choice, invalid, positive, suggest
+
+
+@dataclass
+class OptimizerConfig:
+    """The ``optimizer`` node. Fields left ``None`` take the rule's default (see README).
+
+    Only the fields the named rule has may be set: ``momentum`` on ``adam`` is an error.
+    """
+
+    name: str = "adamw"
+    lr: Optional[float] = None
+    betas: Optional[list[float]] = None
+    eps: Optional[float] = None
+    weight_decay: Optional[float] = None
+    momentum: Optional[float] = None
+    dampening: Optional[float] = None
+    nesterov: Optional[bool] = None
+    alpha: Optional[float] = None
+    centered: Optional[bool] = None
+    lr_decay: Optional[float] = None
+    initial_accumulator_value: Optional[float] = None
+    momentum_decay: Optional[float] = None
+    decoupled_weight_decay: Optional[bool] = None
+    amsgrad: Optional[bool] = None
+    maximize: Optional[bool] = None
+    bias_correction: Optional[bool] = None
+    coupling_scale: Optional[float] = None
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        options = registry.options(self.name)  # raises on an unknown name, with suggestions
+        kwargs = self.kwargs()
+        for key in kwargs:
+            if key not in options:
+                raise invalid(
+                    "optimizer", key, kwargs[key],
+                    f"{self.name} has no option {key!r}; its options are {', '.join(options)}",
+                )
+        if self.lr is not None:
+            positive("optimizer", "lr", self.lr)
+        # The optimizer's own checks, run once on a placeholder tensor, so that a bad value
+        # fails here, with the optimizer's message, and not after the model is built.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            registry.create_optimizer(self.name, [torch.zeros(1, requires_grad=True)], **kwargs)
+
+    def kwargs(self) -> dict[str, Any]:
+        """The hyperparameters that were set, ready for ``create_optimizer``."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "name" and getattr(self, f.name) is not None
+        }
+
+
+@dataclass
+class SchedulerConfig:
+    """The ``scheduler`` node: a multiplier of every group's lr per optimizer step.
+
+    ``total_steps: None`` takes the trainer's total optimizer steps (from ``max_steps``,
+    or counted from the epochs and the accumulation schedule).
+    """
+
+    name: str = "constant"
+    total_steps: Optional[int] = None
+    warmup_steps: int = 0
+    decay: float = 0.0
+    step_size: int = 1
+    gamma: float = 1.0
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        choice("scheduler", "name", self.name, SCHEDULES)
+        check_schedule(self.name, **self.options(total_steps=self.total_steps or 10**12))
+
+    def options(self, total_steps: int | None = None) -> dict[str, Any]:
+        return {
+            "total_steps": total_steps if total_steps is not None else self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "decay": self.decay,
+            "step_size": self.step_size,
+            "gamma": self.gamma,
+            "min_lr_ratio": self.min_lr_ratio,
+        }
+
+
+@dataclass
+class ClippingConfig:
+    """The ``clipping`` node: ``mode`` none / value / norm, global or per named group."""
+
+    mode: str = "none"
+    max_norm: Optional[float] = None
+    max_value: Optional[float] = None
+    norm_type: float = 2.0
+    per_group: dict[str, float] = field(default_factory=dict)
+    skip_nonfinite: bool = True
+    max_consecutive_skips: int = 10
+
+    def __post_init__(self) -> None:
+        self.build()
+
+    def build(self) -> GradientClipper:
+        return GradientClipper(
+            self.mode, max_norm=self.max_norm, max_value=self.max_value, norm_type=self.norm_type,
+            per_group=dict(self.per_group), skip_nonfinite=self.skip_nonfinite,
+            max_consecutive_skips=self.max_consecutive_skips,
+        )
+
+
+@dataclass
+class AccumulationConfig:
+    """The ``accumulation`` node: micro-batches per optimizer step, keyed by step or epoch."""
+
+    schedule: dict[int, int] = field(default_factory=lambda: {0: 1})
+    by: str = "step"
+
+    def __post_init__(self) -> None:
+        self.build()
+
+    def build(self) -> AccumulationSchedule:
+        return AccumulationSchedule(dict(self.schedule), by=self.by)
+
+
+@dataclass
+class PartitionConfig:
+    """The ``partition`` node: options of :func:`lightning_optim.param_groups`.
+
+    ``coupled: None`` couples the embedding group exactly when the optimizer can (CoupledAdam).
+    """
+
+    rules: list[dict[str, Any]] = field(default_factory=list)
+    weight_decay: Optional[float] = None
+    coupled: Optional[bool] = None
+
+    def __post_init__(self) -> None:
+        if self.weight_decay is not None and not self.weight_decay >= 0:
+            raise invalid("partition", "weight_decay", self.weight_decay, "must be >= 0")
+        for i, rule in enumerate(self.rules):
+            if not isinstance(rule, Mapping):
+                raise invalid("partition", f"rules[{i}]", rule, "must be a mapping with 'match' or 'module'")
+
+
+def _coerce(kind: str, cls: type, value: Any, name_field: str | None = "name") -> Any:
+    """A user's value -> the checked dataclass ``cls``."""
+    if isinstance(value, cls):
+        return value
+    if value is None:
+        return cls()
+    if isinstance(value, str) and name_field is not None:
+        return cls(**{name_field: value})
+    if hasattr(value, "items"):  # dict, DictConfig
+        data = {str(k): v for k, v in _plain(value).items()}
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in data:
+            if key not in known:
+                raise invalid(kind, key, data[key], f"is not a {kind} option{suggest(key, known)}; options: {', '.join(sorted(known))}")
+        return cls(**data)
+    raise invalid(kind, kind, value, f"must be {'a name, ' if name_field else ''}a mapping or a {cls.__name__}")
+
+
+def _plain(value: Any) -> Any:
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # the optimizers don't need omegaconf; only configs coming from Hydra do
+        pass
+    return value
+
+
+def optimizer_config(value: Any) -> OptimizerConfig:
+    return _coerce("optimizer", OptimizerConfig, value)
+
+
+def scheduler_config(value: Any) -> SchedulerConfig:
+    return _coerce("scheduler", SchedulerConfig, value)
+
+
+def clipping_config(value: Any) -> ClippingConfig:
+    return _coerce("clipping", ClippingConfig, value, name_field="mode")
+
+
+def partition_config(value: Any) -> PartitionConfig:
+    return _coerce("partition", PartitionConfig, value, name_field=None)
+
+
+def accumulation_config(value: Any) -> AccumulationConfig:
+    """``4`` (constant), ``{0: 1, 200: 4}`` (a step schedule), or ``{"schedule": ..., "by": ...}``."""
+    value = _plain(value)
+    if isinstance(value, AccumulationConfig):
+        return value
+    if value is None:
+        return AccumulationConfig()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return AccumulationConfig(schedule={0: value})
+    if isinstance(value, Mapping) and value and not ({"schedule", "by"} & set(map(str, value))):
+        return AccumulationConfig(schedule=dict(value))
+    return _coerce("accumulation", AccumulationConfig, value, name_field=None)
