@@ -1,0 +1,370 @@
+"""Gradient clipping by value or by norm, globally or per named param group, with a guard
+against non-finite gradients. Plain PyTorch: the Lightning callback calls it in
+``on_before_optimizer_step``, after AMP has unscaled the gradients.
+
+The math. Clipping by value clamps every coordinate, ``g <- clamp(g, -c, c)``: cheap, but it
+changes the gradient's direction. Clipping by norm rescales the whole gradient,
+``g <- g * min(1, c / ||g||_p)``, which keeps its direction and only bounds the step when a
+cliff in the loss surface makes the gradient explode (Pascanu, Mikolov & Bengio 2013, "On the
+difficulty of training recurrent neural networks", ICML, Sec. 3.2). The formula is exactly
+``torch.nn.utils.clip_grad_norm_``'s: ``coef = min(1, c / (||g||_p + 1e-6))``, so results
+match torch to the bit.
+
+Why per group. One global norm lets the largest gradient decide for everyone: the embedding
+rows of a language model get large, sparse gradients (a rare token's row only when it occurs),
+and with one global threshold they shrink the update of every other weight whenever they spike.
+``per_group={"embedding": 0.1}`` clips the embedding group by its own norm with its own
+threshold; the groups not listed are clipped together, by their joint norm, with the global
+``max_norm`` (or ``max_value``), or not at all when that is None.
+
+One host sync per step. ``clip_`` only launches kernels: norms, coefficients and flags stay
+0-d tensors on the gradients' device, and the multiply uses the coefficient clamped to 1
+rather than an ``if norm > c`` that would have to wait for the GPU. ``should_skip`` is the
+single place that reads a value back (``finite`` and the any-group-clipped flag, stacked and
+read together), so a step costs one device-to-host round trip however many groups there are.
+
+The guard. ``finite`` is ``isfinite(total_norm)``: one NaN or inf anywhere makes the norm NaN
+or inf for every p, and a norm that overflows (finite grads, but too large for the dtype) is
+counted as non-finite too, as no coefficient computed from it is meaningful. In norm mode a
+non-finite norm leaves the grads as they came (coefficient 1, where torch would scale by NaN
+or 0). ``should_skip`` tells the caller to skip the step; after ``max_consecutive_skips``
+skips in a row the next non-finite step raises, since training has then diverged rather than
+hit one bad batch. Under fp16 AMP, the GradScaler's own overflow steps (the unscaled grads
+are inf) are counted here as well.
+
+Per-tensor norms are computed once (one ``torch._foreach_norm`` per device and dtype) and
+combined into the total, each group's and each clipping set's norm, in the order
+``clip_grad_norm_`` combines them, so that ``report.total_norm`` equals torch's bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype, _has_foreach_support
+
+from .validation import boolean, choice, invalid, positive, suggest
+
+__all__ = ["ClipReport", "GradientClipper", "NonFiniteGradientError"]
+
+OWNER = "clipping"
+MODES = ("none", "value", "norm")
+_COUNTERS = ("skipped_steps", "consecutive_skips", "clipped_steps")
+
+
+class NonFiniteGradientError(RuntimeError):
+    """Too many consecutive steps had NaN or inf gradients: training has diverged."""
+
+
+@dataclass
+class ClipReport:
+    """What one ``clip_`` saw. Every field is a tensor on the gradients' device: reading one is
+    a host sync, so loggers read them, and the step reads them only through ``should_skip``."""
+
+    total_norm: Tensor  # pre-clip norm over all grads (norm_type), computed in every mode
+    group_norms: dict[str, Tensor]  # pre-clip norm of each group, by name
+    clipped: dict[str, Tensor]  # per group, 0-d bool: did clipping change its grads
+    finite: Tensor  # 0-d bool: the total norm is finite (no NaN/inf grad, no overflow)
+
+
+class GradientClipper:
+    """Clip gradients in place, and decide whether a step with non-finite gradients is skipped.
+
+    Args:
+        mode: ``"none"`` (report only), ``"value"`` or ``"norm"``.
+        max_norm: norm mode: the threshold of the groups not listed in ``per_group``.
+        max_value: value mode: the bound of the groups not listed in ``per_group``.
+        norm_type: the p of the p-norm (``float("inf")`` for the max norm); also the norm
+            reported in ``"none"`` and ``"value"`` modes.
+        per_group: ``{group name: threshold}``; each listed group is clipped on its own.
+            Unnamed groups are called ``"group{i}"``.
+        skip_nonfinite: ``should_skip`` says to skip steps whose gradients are not finite.
+        max_consecutive_skips: the most consecutive steps skipped; one more non-finite step
+            raises :class:`NonFiniteGradientError`.
+
+    Use::
+
+        report = clipper.clip_(optimizer)
+        if clipper.should_skip(report):  # the one host sync
+            optimizer.zero_grad()        # the caller skips the step
+        else:
+            optimizer.step()
+    """
+
+    def __init__(
+        self,
+        mode: str = "none",
+        *,
+        max_norm: float | None = None,
+        max_value: float | None = None,
+        norm_type: float = 2.0,
+        per_group: Mapping[str, float] | None = None,
+        skip_nonfinite: bool = True,
+        max_consecutive_skips: int = 10,
+    ) -> None:
+        self.mode = choice(OWNER, "mode", mode, MODES)
+        self.norm_type = positive(OWNER, "norm_type", norm_type)  # rejects NaN, accepts inf
+        self.max_norm = None if max_norm is None else positive(OWNER, "max_norm", max_norm)
+        self.max_value = None if max_value is None else positive(OWNER, "max_value", max_value)
+        if per_group is not None and not isinstance(per_group, Mapping):
+            raise invalid(OWNER, "per_group", per_group, "must be a mapping {group name: threshold}")
+        self.per_group: dict[str, float] = {}
+        for name, threshold in (per_group or {}).items():
+            if not isinstance(name, str) or not name:
+                raise invalid(OWNER, "per_group", dict(per_group),
+                              f"has key {name!r}: keys must be group names")
+            self.per_group[name] = positive(OWNER, f"per_group[{name!r}]", threshold)
+        self.skip_nonfinite = boolean(OWNER, "skip_nonfinite", skip_nonfinite)
+        if isinstance(max_consecutive_skips, bool) or not isinstance(max_consecutive_skips, int):
+            raise invalid(OWNER, "max_consecutive_skips", max_consecutive_skips, "must be an integer >= 1")
+        if max_consecutive_skips < 1:
+            raise invalid(OWNER, "max_consecutive_skips", max_consecutive_skips, "must be an integer >= 1")
+        self.max_consecutive_skips = max_consecutive_skips
+
+        # A threshold the mode never reads would let a config look like it clips when it does
+        # not (e.g. mode=value with max_norm=1.0): say so instead of ignoring it.
+        uses = {"none": (), "value": ("max_value",), "norm": ("max_norm",)}[self.mode]
+        for field in ("max_norm", "max_value"):
+            if getattr(self, field) is not None and field not in uses:
+                raise invalid(OWNER, field, getattr(self, field), f"is not used by mode={self.mode!r}"
+                              + (f"; use {uses[0]}" if uses else "; set mode 'norm' or 'value' to clip"))
+        if self.mode == "none" and self.per_group:
+            raise invalid(OWNER, "per_group", dict(self.per_group), "is not used by mode='none'; "
+                          "set mode 'norm' or 'value' to clip")
+        if self.mode != "none" and self.threshold is None and not self.per_group:
+            field = "max_norm" if self.mode == "norm" else "max_value"
+            raise invalid(OWNER, field, None,
+                          f"mode={self.mode!r} needs {field} > 0 or per_group thresholds")
+
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self.clipped_steps = 0
+
+    @property
+    def threshold(self) -> float | None:
+        """The global threshold of the mode: max_norm, max_value, or None."""
+        return {"none": None, "value": self.max_value, "norm": self.max_norm}[self.mode]
+
+    # ----- the step ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def clip_(self, optimizer: torch.optim.Optimizer) -> ClipReport:
+        """Clip ``optimizer``'s gradients in place and report the pre-clip norms. No host sync."""
+        names, members, grads = self._collect(optimizer)
+        device = grads[0].device if grads else torch.device("cpu")
+        norms = _tensor_norms(grads, self.norm_type)
+        total = _combine(grads, norms, list(range(len(grads))), self.norm_type, device)
+        group_norms = {n: _combine(grads, norms, members[n], self.norm_type, device) for n in names}
+        finite = torch.isfinite(total)
+        false = torch.zeros((), dtype=torch.bool, device=device)
+        clipped = dict.fromkeys(names, false)
+
+        if self.mode == "none":
+            return ClipReport(total_norm=total, group_norms=group_norms, clipped=clipped, finite=finite)
+        if self.mode == "value":  # max|g| says whether a clamp changes a grad: the inf-norm
+            max_abs = norms if math.isinf(self.norm_type) else _tensor_norms(grads, math.inf)
+        for set_names, threshold in self._clipping_sets(names):
+            idx = [i for n in set_names for i in members[n]]
+            if not idx:
+                continue
+            if self.mode == "norm":
+                if len(set_names) == 1:
+                    norm = group_norms[set_names[0]]
+                elif len(idx) == len(grads):
+                    norm = total
+                else:
+                    norm = _combine(grads, norms, idx, self.norm_type, device)
+                scaled = _scale_by_norm(grads, idx, norm, threshold)
+                for n in set_names:  # a group of zeros is not changed by a shared coefficient
+                    clipped[n] = scaled & (group_norms[n] > 0)
+            else:
+                for n in set_names:
+                    clipped[n] = _exceeds(grads, max_abs, members[n], threshold, device)
+                _clamp(grads, idx, threshold)
+        return ClipReport(total_norm=total, group_norms=group_norms, clipped=clipped, finite=finite)
+
+    def should_skip(self, report: ClipReport) -> bool:
+        """Read ``report`` (the one host sync of the step), update the counters, and say
+        whether the caller must skip this optimizer step (and zero the gradients).
+
+        Raises :class:`NonFiniteGradientError` when more than ``max_consecutive_skips``
+        consecutive steps in a row had non-finite gradients."""
+        device = report.finite.device
+        flags = torch.stack([report.finite, *(c.to(device) for c in report.clipped.values())])
+        finite, *clipped = flags.tolist()
+        if finite or not self.skip_nonfinite:
+            self.consecutive_skips = 0
+            self.clipped_steps += any(clipped)
+            return False
+        if self.consecutive_skips >= self.max_consecutive_skips:
+            # Training stops here, so a second read of the device costs nothing that matters.
+            bad = [n for n, v in report.group_norms.items() if not math.isfinite(float(v))]
+            where = ", ".join(map(repr, bad)) or "none (the total norm overflowed)"
+            raise NonFiniteGradientError(
+                f"{OWNER}: non-finite gradients in {self.consecutive_skips + 1} consecutive steps, more "
+                f"than max_consecutive_skips={self.max_consecutive_skips}; groups with a non-finite "
+                f"{self.norm_type:g}-norm: {where}. Training has diverged: lower the learning rate, "
+                "check the data, or use bf16/fp32."
+            )
+        self.consecutive_skips += 1
+        self.skipped_steps += 1
+        return True
+
+    # ----- state and logs ---------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in _COUNTERS}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        where = "GradientClipper.load_state_dict"
+        if not isinstance(state_dict, Mapping):
+            raise invalid(where, "state_dict", state_dict, 
+                          f"must be a mapping with keys {', '.join(_COUNTERS)}")
+        values = {}
+        for k in _COUNTERS:
+            if k not in state_dict:
+                raise invalid(where, "state_dict", dict(state_dict),
+                              f"has no {k!r}: was it saved by a GradientClipper?")
+            v = state_dict[k]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise invalid(where, k, v, "must be an integer >= 0")
+            values[k] = v
+        for k, v in values.items():  # all checked first: a bad dict changes nothing
+            setattr(self, k, v)
+
+    def describe(self) -> str:
+        """One line for the logs."""
+        p = "inf" if math.isinf(self.norm_type) else f"{self.norm_type:g}"
+        if self.mode == "none":
+            clip = f"gradient clipping: none (logging the {p}-norm)"
+        else:
+            field = "max_norm" if self.mode == "norm" else "max_value"
+            listed = ", ".join(f"{n}={t:g}" for n, t in self.per_group.items())
+            parts = [f"per group {listed}"] if self.per_group else []
+            if self.threshold is None:
+                parts.append("other groups not clipped")
+            else:
+                others = " for the other groups" if self.per_group else ""
+                parts.append(f"{field}={self.threshold:g}{others}")
+            what = f"by {p}-norm" if self.mode == "norm" else "by value"
+            clip = f"gradient clipping {what}: {'; '.join(parts)}"
+        guard = (f"skip non-finite steps, raise after {self.max_consecutive_skips} in a row"
+                 if self.skip_nonfinite else "non-finite steps not skipped")
+        return f"{clip}; {guard}"
+
+    def __repr__(self) -> str:
+        return f"GradientClipper({self.describe()})"
+
+    # ----- helpers ----------------------------------------------------------------------------
+
+    def _clipping_sets(self, names: list[str]) -> list[tuple[list[str], float]]:
+        """Each listed group alone with its threshold, then the others together with the global one."""
+        sets = [([n], self.per_group[n]) for n in names if n in self.per_group]
+        rest = [n for n in names if n not in self.per_group]
+        if rest and self.threshold is not None:
+            sets.append((rest, self.threshold))
+        return sets
+
+    def _collect(self, optimizer: Any) -> tuple[list[str], dict[str, list[int]], list[Tensor]]:
+        """Group names in order, each group's indices into the flat grad list, and that list."""
+        groups = getattr(optimizer, "param_groups", None)
+        if groups is None:
+            raise invalid(OWNER, "optimizer", type(optimizer).__name__, "must be a torch.optim.Optimizer")
+        names: list[str] = []
+        members: dict[str, list[int]] = {}
+        grads: list[Tensor] = []
+        for i, group in enumerate(groups):
+            name = str(group.get("name", f"group{i}"))
+            if name in members:  # two groups under one name would share a report entry and threshold
+                raise invalid(OWNER, "optimizer", _group_list(groups),
+                              f"has two param groups named {name!r}; group names must be unique")
+            names.append(name)
+            members[name] = []
+            for p in group["params"]:
+                if p.grad is not None:
+                    members[name].append(len(grads))
+                    grads.append(p.grad)
+        unknown = [n for n in self.per_group if n not in members]
+        if unknown:
+            raise invalid(OWNER, "per_group", unknown[0], "names no param group of the optimizer, whose "
+                          f"groups are {', '.join(map(repr, names))}{suggest(unknown[0], names)}")
+        return names, members, grads
+
+
+def _tensor_norms(grads: list[Tensor], norm_type: float) -> list[Tensor]:
+    """The norm of each tensor, in ``grads``' order: one foreach kernel per device and dtype."""
+    out: list[Tensor] = [None] * len(grads)  # type: ignore[list-item]
+    if not grads:  # the grouping helper rejects an empty list
+        return out
+    buckets = _group_tensors_by_device_and_dtype([grads], with_indices=True)
+    for (device, _), ([ts], indices) in buckets.items():
+        # The same choice of kernel as clip_grad_norm_, so the norms are the same bits.
+        if _has_foreach_support(ts, device):
+            norms = torch._foreach_norm(ts, norm_type)
+        else:
+            norms = [torch.linalg.vector_norm(g, norm_type) for g in ts]
+        for i, n in zip(indices, norms):
+            out[i] = n
+    return out
+
+
+def _combine(grads: list[Tensor], norms: list[Tensor], idx: list[int], norm_type: float,
+             device: torch.device) -> Tensor:
+    """The norm of ``grads[idx]`` viewed as one vector, from their per-tensor norms."""
+    if not idx:
+        return torch.zeros((), device=device)
+    # clip_grad_norm_ stacks the per-tensor norms bucket by bucket, in the grouping helper's
+    # bucket order (not the list's order); the sum's rounding depends on it, so follow it.
+    sub = [grads[i] for i in idx]
+    grouped = _group_tensors_by_device_and_dtype([sub], with_indices=True)
+    first = sub[0].device
+    ordered = [norms[idx[j]].to(first) for _, (_, js) in grouped.items() for j in js]
+    return torch.linalg.vector_norm(torch.stack(ordered), norm_type)
+
+
+def _scale_by_norm(grads: list[Tensor], idx: list[int], norm: Tensor, threshold: float) -> Tensor:
+    """Scale ``grads[idx]`` by min(1, threshold / (norm + 1e-6)); return "did it scale" (0-d)."""
+    coef = torch.clamp(threshold / (norm + 1e-6), max=1.0)
+    # A NaN/inf norm would turn every grad into NaN or 0: leave the grads as they came, so
+    # the skipped step (or the user, with skip_nonfinite=False) still sees where they broke.
+    coef = torch.where(torch.isfinite(norm), coef, torch.ones_like(coef))
+    for (device, _), ([ts], _) in _group_tensors_by_device_and_dtype([[grads[i] for i in idx]]).items():
+        c = coef.to(device)
+        if _has_foreach_support(ts, device):
+            torch._foreach_mul_(ts, c)
+        else:
+            for g in ts:
+                g.mul_(c)
+    return coef < 1.0
+
+
+def _clamp(grads: list[Tensor], idx: list[int], bound: float) -> None:
+    for (device, _), ([ts], _) in _group_tensors_by_device_and_dtype([[grads[i] for i in idx]]).items():
+        if _has_foreach_support(ts, device):
+            torch._foreach_clamp_min_(ts, -bound)
+            torch._foreach_clamp_max_(ts, bound)
+        else:
+            for g in ts:
+                g.clamp_(min=-bound, max=bound)
+
+
+def _exceeds(grads: list[Tensor], max_abs: list[Tensor], idx: list[int], bound: float,
+             device: torch.device) -> Tensor:
+    """0-d bool: does any entry of ``grads[idx]`` exceed ``bound`` in absolute value."""
+    if not idx:
+        return torch.zeros((), dtype=torch.bool, device=device)
+    # Compare in each grad's own dtype, as the clamp rounds the bound to it: a bf16 grad
+    # equal to bf16(bound) is not changed, so it must not count as clipped.
+    buckets = _group_tensors_by_device_and_dtype([[grads[i] for i in idx]], with_indices=True)
+    flags = [(torch.stack([max_abs[idx[j]] for j in js]).amax() > bound).to(device)
+             for _, (_, js) in buckets.items()]
+    return torch.stack(flags).any()
+
+
+def _group_list(groups: Any) -> str:
+    return ", ".join(str(g.get("name", f"group{i}")) for i, g in enumerate(groups))

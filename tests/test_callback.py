@@ -1,0 +1,346 @@
+"""OptimizerCallback on foreign LightningModules: partition, replacement, each optimizer,
+clipping and the non-finite guard, accumulation equivalence, resume, precision plugins."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+import lightning_optim as lo
+from lightning_optim.callback import OptimizerCallback
+from lightning_helpers import BareLM, TiedLM, data, flat_params, trainer
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+
+
+def test_tied_model_trains_with_coupled_adam_and_replaces_configure_optimizers(caplog):
+    pl.seed_everything(0)
+    model = TiedLM()
+    cb = OptimizerCallback(optimizer={"name": "coupled_adam", "lr": 1e-2})
+    with caplog.at_level(logging.INFO):
+        t = trainer([cb], max_steps=24)
+        t.fit(model, data())
+    opt = t.optimizers[0]
+    assert isinstance(opt, lo.CoupledAdam) and opt is cb.optimizer
+    assert t.lr_scheduler_configs == []  # the module's StepLR is gone too
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert groups["embedding"]["coupled"] is True and groups["embedding"]["weight_decay"] == 0.0
+    assert groups["embedding"]["param_names"] == ["embed.weight"]  # the tied head is the same tensor
+    assert groups["no_decay"]["weight_decay"] == 0.0 and not groups["no_decay"]["coupled"]
+    assert groups["decay"]["weight_decay"] == 0.01
+    assert opt.state[model.embed.weight]["exp_avg_sq"].shape == (1, model.embed.weight.shape[1])
+    assert "replacing the module's configure_optimizers() result (SGD + StepLR)" in caplog.text
+    assert caplog.text.count("OptimizerCallback: ") == 1
+    first, last = sum(model.losses[:4]) / 4, sum(model.losses[-4:]) / 4
+    assert last < 0.8 * first, (first, last)
+
+
+@pytest.mark.parametrize("name", lo.optimizers())
+def test_every_optimizer_trains_a_module_without_configure_optimizers(name, caplog):
+    pl.seed_everything(0)
+    model = BareLM()
+    lr = {"sgd": 0.5, "momentum": 0.1, "nesterov": 0.1, "adagrad": 0.1, "lion": 1e-3, "yogi": 1e-2}.get(name, 1e-2)
+    cb = OptimizerCallback(optimizer={"name": name, "lr": lr})
+    with caplog.at_level(logging.INFO):
+        t = trainer([cb], max_steps=30)
+        t.fit(model, data())
+    assert type(t.optimizers[0]) is lo.registry.REGISTRY[name].cls
+    assert "the module defines no configure_optimizers()" in caplog.text
+    assert sum(model.losses[-5:]) / 5 < sum(model.losses[:5]) / 5
+
+
+def test_scheduler_steps_per_optimizer_step_not_per_micro_batch():
+    model = BareLM()
+    cb = OptimizerCallback(optimizer={"name": "sgd", "lr": 1.0}, scheduler={"name": "exponential", "gamma": 0.5},
+                           accumulation=3)
+    trainer([cb], max_steps=4).fit(model, data())
+    assert cb.steps_taken == 4
+    assert cb.optimizer.param_groups[0]["lr"] == pytest.approx(0.5**4)
+
+
+def test_scheduler_total_follows_the_run():
+    """A cosine without total_steps ends exactly at the end of training (max_epochs, with accumulation)."""
+    model = BareLM()
+    cb = OptimizerCallback(optimizer={"name": "sgd", "lr": 1.0}, scheduler={"name": "cosine", "min_lr_ratio": 0.1},
+                           accumulation={0: 1, 5: 2})
+    trainer([cb], max_epochs=2).fit(model, data(batches=10))
+    # Epoch 0: 5 steps of 1, then windows of 2 at batches 6-7, 8-9 (batch 5 waits for alignment:
+    # a window of 1); epoch 1: five windows of 2. Total 5 + 1 + 2 + 5 = 13.
+    assert cb.steps_taken == 13
+    assert cb.optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
+
+
+# ----- accumulation --------------------------------------------------------------------------
+
+
+class Regression(pl.LightningModule):
+    """Deterministic, no dropout: the mean loss of a window equals that of its concatenation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
+        self.snapshots: list[torch.Tensor] = []
+        self._seen_step = 0
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.trainer.global_step != self._seen_step:
+            self._seen_step = self.trainer.global_step
+            self.snapshots.append(flat_params(self).clone())
+
+
+def regression_data(batches=24, batch_size=4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batches * batch_size, 6, generator=gen)
+    y = torch.sin(x.sum(1, keepdim=True))
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
+
+
+def test_accumulation_schedule_equals_training_on_concatenated_batches():
+    torch.manual_seed(0)
+    model = Regression()
+    reference = copy.deepcopy(model)
+    loader = regression_data()
+    cb = OptimizerCallback(optimizer={"name": "adamw", "lr": 1e-2}, accumulation={0: 1, 3: 4})
+    trainer([cb], max_epochs=1).fit(model, loader)
+    # Windows: batches 0, 1, 2 alone (steps 1-3); batch 3 alone (a size-4 window must start at a
+    # batch index divisible by 4); then 4-7, 8-11, ..., 20-23: 4 + 5 = 9 steps.
+    windows = [[0], [1], [2], [3]] + [list(range(s, s + 4)) for s in range(4, 24, 4)]
+    assert len(model.snapshots) == len(windows)
+    batches = list(loader)
+    opt = lo.create_optimizer({"name": "adamw", "lr": 1e-2}, reference)
+    for window, got in zip(windows, model.snapshots):
+        x = torch.cat([batches[i][0] for i in window])
+        y = torch.cat([batches[i][1] for i in window])
+        opt.zero_grad()
+        nn.functional.mse_loss(reference.net(x), y).backward()
+        opt.step()
+        want = flat_params(reference)
+        assert (got - want).abs().max() <= 1e-6 * want.abs().max()
+
+
+def test_window_cut_short_by_the_epoch_end_sees_the_mean_gradient():
+    """6 batches in windows of 4: the last window has 2 micro-batches and must average them."""
+    torch.manual_seed(0)
+    model = Regression()
+    reference = copy.deepcopy(model)
+    loader = regression_data(batches=6)
+    trainer([OptimizerCallback(optimizer={"name": "sgd", "lr": 0.1}, accumulation=4)], max_epochs=1).fit(model, loader)
+    batches = list(loader)
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for window in ([0, 1, 2, 3], [4, 5]):
+        opt.zero_grad()
+        x, y = torch.cat([batches[i][0] for i in window]), torch.cat([batches[i][1] for i in window])
+        nn.functional.mse_loss(reference.net(x), y).backward()
+        opt.step()
+    torch.testing.assert_close(flat_params(model), flat_params(reference), rtol=1e-6, atol=1e-7)
+
+
+# ----- clipping and the non-finite guard -------------------------------------------------------
+
+
+class NaNAt(Regression):
+    """Poisons one gradient entry on chosen optimizer steps."""
+
+    def __init__(self, bad_steps) -> None:
+        super().__init__()
+        self.bad_steps = set(bad_steps)
+        self.before: dict[int, torch.Tensor] = {}
+
+    def on_after_backward(self):
+        step = self.trainer.global_step
+        self.before[step] = flat_params(self).clone()
+        if step in self.bad_steps:
+            self.net[0].weight.grad[0, 0] = float("nan")
+
+
+def test_nan_gradient_skips_the_step_and_leaves_everything_unchanged():
+    torch.manual_seed(0)
+    model = NaNAt(bad_steps={3})
+    cb = OptimizerCallback(optimizer={"name": "adamw", "lr": 1e-2}, scheduler={"name": "exponential", "gamma": 0.9},
+                           clipping={"mode": "norm", "max_norm": 1.0})
+    snapshots = {}
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            snapshots[batch_idx] = (flat_params(pl_module).clone(), copy.deepcopy(cb.optimizer.state_dict()),
+                                    cb.optimizer.param_groups[0]["lr"])
+
+    trainer([cb, Spy()], max_steps=6).fit(model, regression_data())
+    params_2, state_2, lr_2 = snapshots[2]
+    params_3, state_3, lr_3 = snapshots[3]
+    assert torch.equal(params_2, params_3)  # bit-identical
+    assert lr_2 == lr_3
+    for pid, entry in state_2["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(value, state_3["state"][pid][key]), key
+    assert cb.clipper.skipped_steps == 1 and cb.steps_taken == 5
+    assert not torch.equal(snapshots[4][0], params_3)  # training goes on
+    assert all(torch.isfinite(snapshots[5][0]))
+
+
+def test_consecutive_nan_steps_stop_training_with_a_clear_error():
+    model = NaNAt(bad_steps=range(100))
+    cb = OptimizerCallback(optimizer="adamw", clipping={"mode": "none", "max_consecutive_skips": 3})
+    with pytest.raises(lo.clipping.NonFiniteGradientError, match="3"):
+        trainer([cb], max_steps=10).fit(model, regression_data())
+    assert cb.clipper.skipped_steps == 3
+
+
+def test_norm_clipping_in_training_matches_torch():
+    """One step with clipping equals torch's clip_grad_norm_ followed by the same optimizer."""
+    torch.manual_seed(0)
+    model = Regression()
+    reference = copy.deepcopy(model)
+    loader = regression_data(batches=1)
+    trainer([OptimizerCallback(optimizer={"name": "sgd", "lr": 0.1}, clipping={"mode": "norm", "max_norm": 0.05})],
+            max_steps=1).fit(model, loader)
+    x, y = next(iter(loader))
+    nn.functional.mse_loss(reference.net(x), y).backward()
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p -= 0.1 * p.grad
+    torch.testing.assert_close(flat_params(model), flat_params(reference), rtol=1e-6, atol=1e-7)
+
+
+# ----- resume ---------------------------------------------------------------------------------
+
+
+def test_resume_equals_uninterrupted_run_bit_for_bit(tmp_path):
+    def make():
+        return OptimizerCallback(
+            optimizer={"name": "coupled_adam", "lr": 1e-2},
+            scheduler={"name": "warmup_cosine", "warmup_steps": 3},
+            clipping={"mode": "norm", "max_norm": 0.5},
+            accumulation={0: 1, 4: 2},
+        )
+
+    torch.manual_seed(0)
+    start = TiedLM()
+    full = copy.deepcopy(start)
+    full_cb = make()
+    trainer([full_cb], max_epochs=2).fit(full, data(batches=10))
+
+    class StopAfterFirstEpoch(pl.Callback):  # an interruption: same config, stopped early
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = True
+
+    first = copy.deepcopy(start)
+    first_cb = make()
+    t1 = trainer([first_cb, StopAfterFirstEpoch()], max_epochs=2)
+    t1.fit(first, data(batches=10))
+    assert 0 < first_cb.steps_taken < full_cb.steps_taken
+    ckpt = tmp_path / "epoch1.ckpt"
+    t1.save_checkpoint(ckpt)
+
+    resumed = TiedLM()
+    resumed_cb = make()
+    trainer([resumed_cb], max_epochs=2).fit(resumed, data(batches=10), ckpt_path=ckpt)
+    assert torch.equal(flat_params(resumed), flat_params(full))
+    assert resumed_cb.steps_taken == full_cb.steps_taken
+    assert resumed_cb.state_dict()["scheduler"] == full_cb.state_dict()["scheduler"]
+    assert resumed_cb.clipper.clipped_steps == full_cb.clipper.clipped_steps
+
+
+def test_resume_with_another_optimizer_name_raises(tmp_path):
+    model = BareLM()
+    t = trainer([OptimizerCallback(optimizer="adamw")], max_steps=2)
+    t.fit(model, data())
+    t.save_checkpoint(tmp_path / "a.ckpt")
+    with pytest.raises(ValueError, match="trained with optimizer 'adamw', this run asks for 'lion'"):
+        trainer([OptimizerCallback(optimizer="lion")], max_steps=4).fit(BareLM(), data(), ckpt_path=tmp_path / "a.ckpt")
+
+
+# ----- refusals -------------------------------------------------------------------------------
+
+
+def test_trainer_gradient_clip_val_and_our_clipping_conflict():
+    with pytest.raises(ValueError, match=r"gradient_clip_val=1\.0.*choose one"):
+        trainer([OptimizerCallback(clipping={"mode": "norm", "max_norm": 1.0})], gradient_clip_val=1.0,
+                max_steps=1).fit(BareLM(), data())
+
+
+def test_trainer_accumulation_and_our_schedule_conflict():
+    with pytest.raises(ValueError, match=r"accumulate_grad_batches=2.*choose one"):
+        trainer([OptimizerCallback(accumulation={0: 1, 5: 2})], accumulate_grad_batches=2,
+                max_steps=1).fit(BareLM(), data())
+
+
+def test_manual_optimization_is_refused():
+    class Manual(BareLM):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+    with pytest.raises(ValueError, match="automatic_optimization=False is not supported"):
+        trainer([OptimizerCallback()], max_steps=1).fit(Manual(), data())
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"optimizer": "adamx"}, r"name='adamx' is invalid.*did you mean 'adam'"),
+        ({"optimizer": {"name": "adam", "lr": -1}}, r"lr=-1 is invalid"),
+        ({"optimizer": {"name": "adam", "betas": [0.9, 1.5]}}, r"betas\[1\]=1\.5 is invalid"),
+        ({"optimizer": {"name": "adam", "momentum": 0.9}}, r"adam has no option 'momentum'"),
+        ({"optimizer": {"name": "adam", "lrr": 0.1}}, r"lrr.*did you mean 'lr'"),
+        ({"scheduler": "cosin"}, r"did you mean 'cosine'"),
+        ({"clipping": {"mode": "norm", "max_norm": 0}}, r"max_norm=0"),
+        ({"clipping": {"mode": "nrom"}}, r"did you mean 'norm'"),
+        ({"accumulation": 0}, r"must be an int >= 1"),
+        ({"accumulation": {0: 1, 10: 2.5}}, r"must be an int"),
+        ({"partition": {"weight_decay": -1}}, r"weight_decay=-1"),
+    ],
+)
+def test_bad_config_raises_before_training(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        OptimizerCallback(**kwargs)
+
+
+# ----- precision ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_precision_plugins(precision):
+    pl.seed_everything(0)
+    model = BareLM()
+    cb = OptimizerCallback(optimizer={"name": "adamw", "lr": 1e-2}, clipping={"mode": "norm", "max_norm": 1.0})
+    trainer([cb], max_steps=20, precision=precision).fit(model, data())
+    assert cb.steps_taken == 20
+    assert sum(model.losses[-4:]) < sum(model.losses[:4])
+
+
+def test_fp16_clipping_sees_unscaled_gradients():
+    """16-mixed with a GradScaler (on CPU through Lightning's MixedPrecision plugin): the
+    callback clips after unscaling, so the logged pre-clip norm is the true one, not scaled."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    torch.manual_seed(0)
+    model = Regression()
+    reference = copy.deepcopy(model)
+    loader = regression_data(batches=1)
+    seen = {}
+
+    class Spy(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            seen["norm"] = torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in pl_module.parameters()])).item()
+
+    cb = OptimizerCallback(optimizer={"name": "sgd", "lr": 0.1}, clipping={"mode": "norm", "max_norm": 1e6})
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))
+    trainer([cb, Spy()], max_steps=1, plugins=[plugin]).fit(model, loader)
+    x, y = next(iter(loader))
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = nn.functional.mse_loss(reference.net(x), y)
+    loss.backward()
+    true_norm = torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in reference.parameters()])).item()
+    assert seen["norm"] == pytest.approx(true_norm, rel=1e-2)
+    assert cb.steps_taken == 1
