@@ -11,7 +11,18 @@ from .validation import LightningOptimWarning
 
 __version__ = "0.1.0"
 
+# The Lightning side loads on first use, so the optimizers stay plain PyTorch.
+_LAZY = {"OptimizerCallback": "callback"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'lightning_optim' has no attribute {name!r}")
+
 __all__ = [
     "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "NAdam", "RAdam", "Lion", "Yogi", "CoupledAdam",
-    "param_groups", "summarize", "create_optimizer", "optimizers", "LightningOptimWarning",
+    "param_groups", "summarize", "create_optimizer", "optimizers", "LightningOptimWarning", "OptimizerCallback",
 ]

@@ -40,6 +40,7 @@ from .config import accumulation_config, clipping_config, optimizer_config, part
 from .partition import param_groups, summarize
 from .registry import REGISTRY, create_optimizer
 from .schedules import build_scheduler, describe
+from .validation import ConfigurationError
 
 log = logging.getLogger("lightning_optim")
 
@@ -93,20 +94,20 @@ class OptimizerCallback(Callback):
         if stage != "fit":
             return
         if not pl_module.automatic_optimization:
-            raise ValueError(
+            raise ConfigurationError(
                 "OptimizerCallback: automatic_optimization=False is not supported: with manual "
                 "optimization your training_step calls the optimizer itself, so the callback cannot "
                 "clip, skip or accumulate around it. Use automatic optimization, or build the "
                 "optimizer with lightning_optim.create_optimizer(config, self) in configure_optimizers."
             )
         if trainer.gradient_clip_val is not None and self.clipping_config.mode != "none":
-            raise ValueError(
+            raise ConfigurationError(
                 f"OptimizerCallback: Trainer(gradient_clip_val={trainer.gradient_clip_val!r}) and "
                 f"clipping mode {self.clipping_config.mode!r} are both set: choose one. Drop "
                 "gradient_clip_val, or pass clipping={'mode': 'none'}."
             )
         if self.accumulator is not None and trainer.accumulate_grad_batches != 1:
-            raise ValueError(
+            raise ConfigurationError(
                 f"OptimizerCallback: Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches!r}) "
                 f"and an accumulation schedule ({self.accumulator.schedule.describe()}) are both set: "
                 "choose one."
@@ -160,7 +161,10 @@ class OptimizerCallback(Callback):
         self._wrap_step(optimizer)
         if self.scheduler_config is not None:
             total = self.scheduler_config.total_steps or self._total_steps(trainer)
-            self.scheduler = build_scheduler(optimizer, self.scheduler_config.name, **self.scheduler_config.options(total))
+            try:
+                self.scheduler = build_scheduler(optimizer, self.scheduler_config.name, **self.scheduler_config.options(total))
+            except ValueError as err:
+                raise ConfigurationError(f"{err} (this run takes {total} optimizer steps)") from err
         self._apply_pending_state()
         what = f"{type(optimizer).__name__}({', '.join(f'{k}={v}' for k, v in cfg.kwargs().items())}) over {summarize(groups)}"
         if self.scheduler_config is not None:
@@ -183,7 +187,7 @@ class OptimizerCallback(Callback):
             return int(estimated)
         batches = trainer.num_training_batches
         if trainer.max_epochs is None or trainer.max_epochs < 0 or batches == float("inf"):
-            raise ValueError(
+            raise ConfigurationError(
                 f"OptimizerCallback: scheduler {self.scheduler_config.name!r} needs total_steps, and this "
                 "run has neither max_steps nor a finite max_epochs: set scheduler.total_steps."
             )
@@ -253,7 +257,7 @@ class OptimizerCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("optimizer_name")
         if saved is not None and saved != self.optimizer_config.name:
-            raise ValueError(
+            raise ConfigurationError(
                 f"OptimizerCallback: the checkpoint was trained with optimizer {saved!r}, this run "
                 f"asks for {self.optimizer_config.name!r}: their states are not interchangeable."
             )

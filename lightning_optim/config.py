@@ -136,16 +136,30 @@ class ClippingConfig:
 
 @dataclass
 class AccumulationConfig:
-    """The ``accumulation`` node: micro-batches per optimizer step, keyed by step or epoch."""
+    """The ``accumulation`` node: micro-batches per optimizer step, keyed by step or epoch.
 
-    schedule: dict[int, int] = field(default_factory=lambda: {0: 1})
+    ``schedule`` is a list of ``[start, micro_batches]`` pairs, e.g. ``[[0, 1], [200, 4]]``: a
+    list, not a mapping, because Hydra replaces a list on override
+    (``accumulation.schedule=[[0,1],[50,4]]``) but refuses new keys in a mapping. The Python
+    API also takes the mapping ``{0: 1, 200: 4}``.
+    """
+
+    schedule: list[list[int]] = field(default_factory=lambda: [[0, 1]])
     by: str = "step"
 
     def __post_init__(self) -> None:
+        if isinstance(self.schedule, Mapping):
+            self.schedule = [[k, v] for k, v in self.schedule.items()]
+        for pair in self.schedule:
+            if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
+                raise invalid("accumulation", "schedule", self.schedule, "must be [start, micro_batches] pairs")
         self.build()
 
+    def points(self) -> dict[int, int]:
+        return {k: v for k, v in self.schedule}
+
     def build(self) -> AccumulationSchedule:
-        return AccumulationSchedule(dict(self.schedule), by=self.by)
+        return AccumulationSchedule(self.points(), by=self.by)
 
 
 @dataclass
@@ -220,7 +234,7 @@ def accumulation_config(value: Any) -> AccumulationConfig:
     if value is None:
         return AccumulationConfig()
     if isinstance(value, int) and not isinstance(value, bool):
-        return AccumulationConfig(schedule={0: value})
+        return AccumulationConfig(schedule=[[0, value]])
     if isinstance(value, Mapping) and value and not ({"schedule", "by"} & set(map(str, value))):
-        return AccumulationConfig(schedule=dict(value))
+        return AccumulationConfig(schedule=[[k, v] for k, v in value.items()])
     return _coerce("accumulation", AccumulationConfig, value, name_field=None)

@@ -61,7 +61,8 @@ def create_optimizer(name_or_mapping: Any, params_or_module: Any, **overrides: A
 
     Args:
         name_or_mapping: ``"adamw"``, or ``{"name": "coupled_adam", "lr": 3e-4, "betas": [0.9, 0.95]}``
-            (the Hydra ``optimizer`` node), or a dataclass with the same fields.
+            (the Hydra ``optimizer`` node; ``None`` values mean the rule's default), or a
+            dataclass with the same fields.
         params_or_module: an ``nn.Module`` (its parameters are split by
             :func:`param_groups`, coupling embeddings only for CoupledAdam), or anything
             a ``torch.optim.Optimizer`` takes.
@@ -74,8 +75,9 @@ def create_optimizer(name_or_mapping: Any, params_or_module: Any, **overrides: A
         name_or_mapping = dataclasses.asdict(name_or_mapping)
     if isinstance(name_or_mapping, str):
         config: dict[str, Any] = {"name": name_or_mapping}
-    elif isinstance(name_or_mapping, Mapping):
-        config = dict(name_or_mapping)
+    elif isinstance(name_or_mapping, Mapping) or hasattr(name_or_mapping, "items"):  # dict, DictConfig
+        # None means "the rule's default", as in the config schema where unset fields are None.
+        config = {str(k): v for k, v in name_or_mapping.items() if v is not None}
     else:
         raise invalid("create_optimizer", "optimizer", name_or_mapping, "must be a registry name or a mapping with 'name'")
     if "name" not in config:

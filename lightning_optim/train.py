@@ -1,7 +1,8 @@
 """Hydra entry point: ``python -m lightning_optim.train [overrides]``.
 
 Composes ``lightning_optim/conf`` (groups optimizer, scheduler, clipping, accumulation,
-partition, logger, trainer), checks every node before anything is built, then trains the
+partition, logger, trainer), checks every node before anything is built (the LR schedule's
+total, known only once the trainer sizes the data, is checked when the optimizer is built), then trains the
 stand-in task with :class:`~lightning_optim.OptimizerCallback` and prints where the
 checkpoint and metrics went. A bad config exits with status 2 and one paragraph naming the
 field, never a traceback.
@@ -20,6 +21,7 @@ import hydra
 import lightning.pytorch as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -29,6 +31,7 @@ from . import conf  # noqa: F401  (registers the config schemas)
 from .callback import OptimizerCallback
 from .demo import TiedBigram, zipf_pairs
 from .loggers import build_logger
+from .validation import ConfigurationError
 
 
 class ToyLM(pl.LightningModule):
@@ -75,20 +78,17 @@ def build_callback(cfg: DictConfig) -> OptimizerCallback:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train once from a composed config; returns the paths and final metrics."""
     out = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path(cfg.get("out_dir", "runs/latest"))
-    try:
-        callback = build_callback(cfg)
-        trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-        logger = build_logger(OmegaConf.to_container(cfg.logger, resolve=True), str(out))
-    except (ValueError, TypeError) as err:
-        raise ConfigError(str(err)) from err
+    callback = build_callback(cfg)
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    logger = build_logger(OmegaConf.to_container(cfg.logger, resolve=True), str(out))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     model = ToyLM(cfg.model.vocab, cfg.model.dim)
     train, val = toy_data(cfg.model.vocab, cfg.data.batch_size, cfg.data.train_batches, cfg.data.val_batches, cfg.seed)
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True)
     try:
         trainer = pl.Trainer(default_root_dir=str(out), logger=logger, callbacks=[callback, ckpt], **trainer_kwargs)
-    except TypeError as err:
-        raise ConfigError(f"trainer: {err}") from err
+    except (TypeError, ValueError, MisconfigurationException) as err:
+        raise ConfigurationError(f"trainer: {err}") from err
     trainer.fit(model, train, val)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     result = {"run_dir": str(out), "checkpoint": ckpt.last_model_path, "metrics": metrics}
@@ -98,15 +98,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-class ConfigError(Exception):
-    """A config that cannot run; reported as one paragraph, exit status 2."""
-
-
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
-    except ConfigError as err:
+    except ConfigurationError as err:  # raised before training, or while building the optimizer
         print(f"lightning_optim.train: invalid configuration: {err}", file=sys.stderr)
         sys.exit(2)
 

@@ -17,9 +17,14 @@ class LightningOptimWarning(UserWarning):
     """Warnings about a configuration that runs, but maybe not as the user expects."""
 
 
-def invalid(owner: str, field: str, value: Any, requirement: str) -> ValueError:
+class ConfigurationError(ValueError):
+    """A bad value in a config or a constructor argument. A ``ValueError``, so callers can
+    catch either; ``python -m lightning_optim.train`` reports it as one paragraph."""
+
+
+def invalid(owner: str, field: str, value: Any, requirement: str) -> ConfigurationError:
     """Build the one error shape used everywhere: owner, field, quoted value, requirement."""
-    return ValueError(f"{owner}: {field}={value!r} is invalid: {requirement}")
+    return ConfigurationError(f"{owner}: {field}={value!r} is invalid: {requirement}")
 
 
 def number(owner: str, field: str, value: Any) -> float:
