@@ -93,8 +93,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     result = {"run_dir": str(out), "checkpoint": ckpt.last_model_path, "metrics": metrics}
     print(f"\nrun directory: {out}\ncheckpoint:    {ckpt.last_model_path}")
-    if logger.log_dir:
-        print(f"metrics:       {logger.log_dir}")
+    where = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
+    print(f"metrics:       {where} ({type(logger).__name__})")
     return result
 
 

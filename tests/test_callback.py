@@ -344,3 +344,21 @@ def test_fp16_clipping_sees_unscaled_gradients():
     true_norm = torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in reference.parameters()])).item()
     assert seen["norm"] == pytest.approx(true_norm, rel=1e-2)
     assert cb.steps_taken == 1
+
+
+def test_logged_keys_are_the_documented_ones(tmp_path):
+    """Every key the callback logs is in the README's metrics table, and vice versa."""
+    import re
+    from pathlib import Path
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    model = NaNAt(bad_steps=())
+    cb = OptimizerCallback(optimizer="adamw", clipping={"mode": "norm", "max_norm": 1.0}, accumulation={0: 1, 2: 2})
+    trainer([cb], max_steps=4, logger=CSVLogger(tmp_path, name="", version=""), log_every_n_steps=1).fit(model, regression_data())
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
+    logged = {re.sub(r"/(decay|no_decay|embedding)$", "/<group>", k) for k in header if k.startswith("optim/")}
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("## Logged metrics"):readme.index("## Speed")]
+    documented = set(re.findall(r"^\| `(optim/[^`]+)`", table, flags=re.M))
+    assert logged == documented

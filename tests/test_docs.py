@@ -29,3 +29,14 @@ def test_readme_optimizer_table_matches_the_registry():
     assert markdown_table() in (ROOT / "README.md").read_text(), (
         "README's optimizer table is stale: paste lightning_optim.registry.markdown_table()"
     )
+
+
+def test_readme_documents_every_config_field():
+    import dataclasses
+
+    from lightning_optim import config
+
+    readme = (ROOT / "README.md").read_text()
+    for cls in (config.SchedulerConfig, config.ClippingConfig, config.AccumulationConfig, config.PartitionConfig):
+        for f in dataclasses.fields(cls):
+            assert f"`{f.name}`" in readme, f"README does not document {cls.__name__}.{f.name}"

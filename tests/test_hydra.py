@@ -144,3 +144,13 @@ def test_overrides_reach_the_callback():
     assert (cb.clipper.mode, cb.clipper.max_value) == ("value", 0.5)
     assert cb.accumulator.schedule.points == {0: 1, 50: 4}
     assert cb.partition_config.weight_decay == 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("logger, expect", [("tensorboard", "logs/events.out.tfevents.*"), ("wandb", "wandb/offline-run-*/run-*.wandb")])
+def test_other_loggers_write_their_files(tmp_path, logger, expect):
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
+    proc = run(["-m", "lightning_optim.train", f"logger={logger}", "trainer.max_steps=3", "trainer.log_every_n_steps=1",
+                "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list((tmp_path / "run").glob(expect)), sorted(str(p) for p in (tmp_path / "run").rglob("*"))

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from ..validation import choice
+from ..validation import ConfigurationError, choice
 from . import foreach, reference
 
 BACKENDS = ("auto", "reference", "foreach", "triton")
@@ -30,7 +30,7 @@ def resolve(owner: str, backend: str, params: Iterable[torch.Tensor]) -> str:
     """The concrete backend for ``backend`` on the devices of ``params``."""
     choice(owner, "backend", backend, BACKENDS)
     if backend == "triton":
-        raise ValueError(
+        raise ConfigurationError(
             f"{owner}: backend='triton' is not available in this release: the fused Triton "
             "kernels are not built yet. Use backend='foreach' (the GPU default) or 'auto'."
         )

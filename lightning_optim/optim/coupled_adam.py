@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..validation import boolean, positive
+from ..validation import ConfigurationError, boolean, positive
 from .adam import AdamW
 from .base import Optimizer, zeros
 
@@ -82,7 +82,7 @@ class CoupledAdam(AdamW):
             return
         for i, p in enumerate(group["params"]):
             if p.dim() < 2:
-                raise ValueError(
+                raise ConfigurationError(
                     f"CoupledAdam: coupled groups must be 2-D or wider, but {self._param_name(group, i)} "
                     f"has shape {list(p.shape)}: the second moment is shared across dim 0 (the "
                     "vocabulary rows), which a vector does not have. Leave it out of the coupled group."
