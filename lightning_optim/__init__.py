@@ -12,7 +12,7 @@ from .validation import LightningOptimWarning
 __version__ = "0.1.0"
 
 # The Lightning side loads on first use, so the optimizers stay plain PyTorch.
-_LAZY = {"OptimizerCallback": "callback"}
+_LAZY = {"OptimizerCallback": "callback", "MomentMonitor": "callback"}
 
 
 def __getattr__(name: str):
@@ -25,4 +25,5 @@ def __getattr__(name: str):
 __all__ = [
     "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "NAdam", "RAdam", "Lion", "Yogi", "CoupledAdam",
     "param_groups", "summarize", "create_optimizer", "optimizers", "LightningOptimWarning", "OptimizerCallback",
+    "MomentMonitor",
 ]

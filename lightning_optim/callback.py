@@ -37,6 +37,7 @@ from typing_extensions import override
 
 from .accumulation import Accumulator
 from .config import accumulation_config, clipping_config, optimizer_config, partition_config, scheduler_config
+from .loggers import log_histograms, log_metrics
 from .partition import param_groups, summarize
 from .registry import REGISTRY, create_optimizer
 from .schedules import build_scheduler, describe
@@ -296,3 +297,137 @@ def _describe(result: Any) -> str:
     if isinstance(result, (list, tuple)):
         return " + ".join(_describe(r) for r in result)
     return type(result).__name__
+
+
+class MomentMonitor(Callback):
+    """Log optimizer moment statistics through the Trainer's loggers.
+
+    Every ``every_n_steps`` optimizer steps it logs, per monitored parameter,
+    ``optim/<stat>/<parameter name>`` for the stats of :data:`lightning_optim.stats.STATS`
+    (grad norm before clipping, param norm, update ratio, ||m_hat||, mean and max of
+    sqrt(v_hat), second-moment drift and log-ratio since the previous log, pseudo-SNR, dead
+    fraction); per group ``optim/clipped_fraction/<group>`` (with an OptimizerCallback) and
+    ``optim/lr/<group>`` (without one, which logs it every step). Every
+    ``expensive_every_n_steps`` it adds, for each embedding (a tensor in a coupled group, or
+    an ``nn.Embedding`` weight), ``embedding/mean_norm|mean_ratio|isotropy/<name>``, and for
+    W&B histograms ``optim/log10_sqrt_v/<name>``.
+
+    The statistics are device tensors (:mod:`lightning_optim.stats`); they reach the host
+    once per log, in :func:`lightning_optim.loggers.log_metrics`, on rank zero. Steps that
+    do not log cost nothing. Under DDP the gradients and parameters are identical on every
+    rank after the all-reduce, so the statistics are too.
+
+    Works with the lightning_optim optimizers and with ``torch.optim`` Adam/AdamW/SGD. To see
+    gradients before clipping it runs its ``on_before_optimizer_step`` before any
+    OptimizerCallback's (it moves itself ahead of them in ``trainer.callbacks``).
+
+    Args: the fields of :class:`lightning_optim.config.MonitorConfig` (the ``monitor`` node).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        expensive_every_n_steps: int = 500,
+        stats: Any = None,
+        include: Any = ("*",),
+        exclude: Any = (),
+        update_ratio: bool = True,
+        embeddings: bool = True,
+        histograms: bool = True,
+        drift_max_elements: int = 1 << 20,
+    ) -> None:
+        super().__init__()
+        from .config import MonitorConfig
+        from .stats import STATS
+
+        self.config = MonitorConfig(
+            every_n_steps=every_n_steps, expensive_every_n_steps=expensive_every_n_steps,
+            stats=list(stats) if stats is not None else list(STATS), include=list(include), exclude=list(exclude),
+            update_ratio=update_ratio, embeddings=embeddings, histograms=histograms,
+            drift_max_elements=drift_max_elements,
+        )
+        self.stats: Any = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._pending_step: int | None = None
+        self._last_clips: dict[str, int] = {}
+        self._last_step = 0
+
+    @classmethod
+    def from_config(cls, node: Any) -> MomentMonitor | None:
+        """A monitor from the ``monitor`` config node, or None when ``enabled`` is false."""
+        from .config import monitor_config
+
+        cfg = monitor_config(node)
+        if not cfg.enabled:
+            return None
+        fields = {k: v for k, v in vars(cfg).items() if k != "enabled"}
+        return cls(**fields)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        callbacks = trainer.callbacks
+        mine = callbacks.index(self)
+        first = next((i for i, cb in enumerate(callbacks) if isinstance(cb, OptimizerCallback)), None)
+        if first is not None and first < mine:
+            callbacks.insert(first, callbacks.pop(mine))
+
+    def _optimizer_callback(self, trainer: pl.Trainer) -> OptimizerCallback | None:
+        return next((cb for cb in trainer.callbacks if isinstance(cb, OptimizerCallback)), None)
+
+    def _ensure_stats(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.stats is None or self._optimizer is not optimizer:
+            from .stats import MomentStats
+
+            c = self.config
+            self.stats = MomentStats(optimizer, stats=c.stats, include=c.include, exclude=c.exclude,
+                                     drift_max_elements=c.drift_max_elements)
+            self._optimizer = optimizer
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        step = trainer.global_step + 1  # the step about to be taken, 1-based
+        if step % self.config.every_n_steps:
+            return
+        self._ensure_stats(optimizer)
+        self.stats.before_step(update_ratio=self.config.update_ratio)
+        self._pending_step = step
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._pending_step is None or trainer.global_step < self._pending_step:
+            return  # no log this step, or still accumulating toward it
+        step, self._pending_step = self._pending_step, None
+        metrics: dict[str, Any] = dict(self.stats.after_step())
+        optimizer = self._optimizer
+        names = [g.get("name", f"group{i}") for i, g in enumerate(optimizer.param_groups)]
+        owner = self._optimizer_callback(trainer)
+        if owner is None:
+            for name, group in zip(names, optimizer.param_groups):
+                metrics[f"optim/lr/{name}"] = float(group["lr"])
+        else:
+            clips = owner.clipper.group_clipped_steps
+            steps = max(step - self._last_step, 1)
+            for name in names:
+                metrics[f"optim/clipped_fraction/{name}"] = (clips.get(name, 0) - self._last_clips.get(name, 0)) / steps
+            self._last_clips, self._last_step = dict(clips), step
+        expensive = step % self.config.expensive_every_n_steps == 0
+        if self.config.embeddings:
+            metrics.update(self.stats.embedding_stats(self._embeddings(pl_module, optimizer), isotropy=expensive))
+        log_metrics(trainer, metrics, step)
+        if expensive and self.config.histograms:
+            log_histograms(trainer, {f"optim/log10_sqrt_v/{k}": v.clamp_min(1e-30).log10() for k, v in self.stats.sqrt_v().items()}, step)
+
+    @staticmethod
+    def _embeddings(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+        """Tensors whose rows are embeddings: coupled groups, and nn.Embedding weights."""
+        found: dict[str, torch.Tensor] = {}
+        for group in optimizer.param_groups:
+            if group.get("coupled"):
+                for i, p in enumerate(group["params"]):
+                    name = (group.get("param_names") or [f"{group.get('name', 'group')}.{i}"] * len(group["params"]))[i]
+                    found[name] = p
+        for name, mod in module.named_modules():
+            if isinstance(mod, torch.nn.Embedding) and mod.weight.requires_grad:
+                if not any(mod.weight is t for t in found.values()):
+                    found[f"{name}.weight" if name else "weight"] = mod.weight
+        return found

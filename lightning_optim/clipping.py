@@ -144,6 +144,7 @@ class GradientClipper:
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self.clipped_steps = 0
+        self.group_clipped_steps: dict[str, int] = {}  # per group name, for clipped fractions
 
     @property
     def threshold(self) -> float | None:
@@ -200,6 +201,8 @@ class GradientClipper:
         if finite or not self.skip_nonfinite:
             self.consecutive_skips = 0
             self.clipped_steps += any(clipped)
+            for name, flag in zip(report.clipped, clipped):
+                self.group_clipped_steps[name] = self.group_clipped_steps.get(name, 0) + int(flag)
             return False
         if self.consecutive_skips >= self.max_consecutive_skips:
             # Training stops here, so a second read of the device costs nothing that matters.
@@ -218,7 +221,7 @@ class GradientClipper:
     # ----- state and logs ---------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, int]:
-        return {k: getattr(self, k) for k in _COUNTERS}
+        return {**{k: getattr(self, k) for k in _COUNTERS}, "group_clipped_steps": dict(self.group_clipped_steps)}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         where = "GradientClipper.load_state_dict"
@@ -236,6 +239,7 @@ class GradientClipper:
             values[k] = v
         for k, v in values.items():  # all checked first: a bad dict changes nothing
             setattr(self, k, v)
+        self.group_clipped_steps = dict(state_dict.get("group_clipped_steps", {}))
 
     def describe(self) -> str:
         """One line for the logs."""

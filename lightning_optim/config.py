@@ -24,6 +24,7 @@ from . import registry
 from .accumulation import AccumulationSchedule
 from .clipping import GradientClipper
 from .schedules import SCHEDULES, check_schedule
+from .stats import STATS
 from .validation import choice, invalid, positive, suggest
 
 
@@ -181,6 +182,35 @@ class PartitionConfig:
                 raise invalid("partition", f"rules[{i}]", rule, "must be a mapping with 'match' or 'module'")
 
 
+@dataclass
+class MonitorConfig:
+    """The ``monitor`` node: options of :class:`lightning_optim.MomentMonitor`."""
+
+    enabled: bool = True
+    every_n_steps: int = 50
+    expensive_every_n_steps: int = 500
+    stats: list[str] = field(default_factory=lambda: list(STATS))
+    include: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] = field(default_factory=list)
+    update_ratio: bool = True
+    embeddings: bool = True
+    histograms: bool = True
+    drift_max_elements: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        for name in ("every_n_steps", "expensive_every_n_steps", "drift_max_elements"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise invalid("monitor", name, value, "must be an int >= 1")
+        if self.expensive_every_n_steps % self.every_n_steps:
+            raise invalid(
+                "monitor", "expensive_every_n_steps", self.expensive_every_n_steps,
+                f"must be a multiple of every_n_steps={self.every_n_steps}",
+            )
+        for stat in self.stats:
+            choice("monitor", "stats", stat, STATS)
+
+
 def _coerce(kind: str, cls: type, value: Any, name_field: str | None = "name") -> Any:
     """A user's value -> the checked dataclass ``cls``."""
     if isinstance(value, cls):
@@ -224,6 +254,10 @@ def clipping_config(value: Any) -> ClippingConfig:
 
 def partition_config(value: Any) -> PartitionConfig:
     return _coerce("partition", PartitionConfig, value, name_field=None)
+
+
+def monitor_config(value: Any) -> MonitorConfig:
+    return _coerce("monitor", MonitorConfig, value, name_field=None)
 
 
 def accumulation_config(value: Any) -> AccumulationConfig:

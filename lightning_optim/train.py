@@ -28,8 +28,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from . import conf  # noqa: F401  (registers the config schemas)
-from .callback import OptimizerCallback
+from .callback import MomentMonitor, OptimizerCallback
 from .demo import TiedBigram, zipf_pairs
+from .dashboard import render
 from .loggers import build_logger
 from .validation import ConfigurationError
 
@@ -84,15 +85,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     model = ToyLM(cfg.model.vocab, cfg.model.dim)
     train, val = toy_data(cfg.model.vocab, cfg.data.batch_size, cfg.data.train_batches, cfg.data.val_batches, cfg.seed)
+    monitor = MomentMonitor.from_config(cfg.monitor)
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True)
+    callbacks = [callback, ckpt] + ([monitor] if monitor is not None else [])
     try:
-        trainer = pl.Trainer(default_root_dir=str(out), logger=logger, callbacks=[callback, ckpt], **trainer_kwargs)
+        trainer = pl.Trainer(default_root_dir=str(out), logger=logger, callbacks=callbacks, **trainer_kwargs)
     except (TypeError, ValueError, MisconfigurationException) as err:
         raise ConfigurationError(f"trainer: {err}") from err
     trainer.fit(model, train, val)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    result = {"run_dir": str(out), "checkpoint": ckpt.last_model_path, "metrics": metrics}
-    print(f"\nrun directory: {out}\ncheckpoint:    {ckpt.last_model_path}")
+    logger.finalize("success")
+    dashboard = render(out, out / "dashboard.html")
+    result = {"run_dir": str(out), "checkpoint": ckpt.last_model_path, "metrics": metrics, "dashboard": str(dashboard)}
+    print(f"\nrun directory: {out}\ncheckpoint:    {ckpt.last_model_path}\ndashboard:     {dashboard}")
     where = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
     print(f"metrics:       {where} ({type(logger).__name__})")
     return result

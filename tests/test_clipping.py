@@ -373,7 +373,11 @@ def test_state_dict_round_trip_resumes_exactly():
     for _ in range(2):
         assert clipper.should_skip(clipper.clip_(opt))
     state = clipper.state_dict()
-    assert state == {"skipped_steps": 2, "consecutive_skips": 2, "clipped_steps": 1}
+    assert {k: state[k] for k in ("skipped_steps", "consecutive_skips", "clipped_steps")} == {
+        "skipped_steps": 2, "consecutive_skips": 2, "clipped_steps": 1}
+    # Per group: the first (finite) step clipped every group; skipped steps count for none.
+    assert state["group_clipped_steps"] == {name: 1 for name in state["group_clipped_steps"]}
+    assert len(state["group_clipped_steps"]) == len(opt.param_groups)
 
     resumed = GradientClipper("norm", max_norm=1.0, max_consecutive_skips=3)
     resumed.load_state_dict(copy.deepcopy(state))

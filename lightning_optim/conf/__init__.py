@@ -8,7 +8,14 @@ schemas below in its ConfigStore, so ``optimizer.lrr=1`` (a typo) or ``optimizer
 
 from hydra.core.config_store import ConfigStore
 
-from ..config import AccumulationConfig, ClippingConfig, OptimizerConfig, PartitionConfig, SchedulerConfig
+from ..config import (
+    AccumulationConfig,
+    ClippingConfig,
+    MonitorConfig,
+    OptimizerConfig,
+    PartitionConfig,
+    SchedulerConfig,
+)
 
 SCHEMAS = {
     "optimizer": OptimizerConfig,
@@ -16,6 +23,7 @@ SCHEMAS = {
     "clipping": ClippingConfig,
     "accumulation": AccumulationConfig,
     "partition": PartitionConfig,
+    "monitor": MonitorConfig,
 }
 
 
