@@ -296,34 +296,48 @@ _LEFT, _RIGHT = 0.22, 0.885  # so their step axes line up on the page
 _DPI = 100
 _BAD = "#d9d9d9"
 # group lines: no orange or red, which mark clip and skip events
-_GROUP_COLORS = ("tab:blue", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
+_GROUP_COLORS = ("tab:blue", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:gray", "tab:olive",
+                 "tab:cyan")
 
 
-def _abbreviate(names: list[str], width: int = 30) -> list[str]:
-    """Short labels: leading dotted parts shared by all names dropped, long ones cut in the
-    middle (first part + ... + as many trailing parts as fit)."""
+def _abbreviate(names: list[str], width: int = 36) -> list[str]:
+    """Short labels: the leading dotted parts shared by all names dropped, then, while a label is
+    longer than ``width``, parts replaced by an ellipsis: first the middle ones, then the first;
+    the indices with their names (``blocks.11``) and the last two parts (``c_attn.weight``) go
+    last."""
     parts = [n.split(".") for n in names]
     common = 0
     if len(parts) > 1:
         while all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
             common += 1
-    out = []
-    for p in parts:
-        rest = p[common:]
-        label = ".".join(rest)
-        if len(label) > width and len(rest) > 1:
-            kept: list[str] = []
-            length = len(rest[0]) + 1
-            for comp in reversed(rest[1:]):
-                if kept and length + len(comp) + 1 > width:
-                    break
-                kept.insert(0, comp)
-                length += len(comp) + 1
-            label = rest[0] + "\u2026" + ".".join(kept)
-        if len(label) > width:
-            label = "\u2026" + label[-(width - 1):]
-        out.append(label)
+    return [_shorten(p[common:], width) for p in parts]
+
+
+def _join(tokens: list[str | None]) -> str:
+    out = ""
+    for i, token in enumerate(tokens):
+        if token is None:
+            if i == 0 or tokens[i - 1] is not None:
+                out += "\u2026"
+        else:
+            out += ("" if i == 0 or tokens[i - 1] is None else ".") + token
     return out
+
+
+def _shorten(parts: list[str], width: int) -> str:
+    tokens: list[str | None] = list(parts)
+    label = _join(tokens)
+    n = len(parts)
+    index = {i for i, p in enumerate(parts) if p.isdigit()}
+    named = {i - 1 for i in index}  # "blocks" of "blocks.11"
+    last = {n - 2, n - 1} if n > 1 else {0}
+    middle = [i for i in range(1, n) if i not in index | named | last]
+    for i in [i for i in middle + [0] + sorted(named - {0}) if i not in index | last]:
+        if len(label) <= width:
+            return label
+        tokens[i] = None
+        label = _join(tokens)
+    return label if len(label) <= width else "\u2026" + label[-(width - 1):]
 
 
 def _new_figure(height: float, bottom_in: float = 0.55, top_in: float = 0.4) -> tuple[Any, list[float]]:
@@ -463,10 +477,12 @@ def _grad_norm_figure(fam: _Families, table: Table, xlim: tuple[float, float]) -
     total = table.get("optim/grad_norm_total")
     if total is not None:
         ax.plot(*total, color="black", linewidth=1.3, label="total (before clipping)", **_marker(total[0]))
-    colors = {g: _GROUP_COLORS[i % len(_GROUP_COLORS)] for i, g in enumerate(dict.fromkeys([*fam.group_norms, *fam.lrs]))}
+    names = dict.fromkeys([*fam.group_norms, *fam.lrs])
+    colors = {g: _GROUP_COLORS[i % len(_GROUP_COLORS)] for i, g in enumerate(names)}
     groups = fam.group_norms
     for g, series in groups.items():
-        ax.plot(*series, linewidth=0.9, alpha=0.8, color=colors[g], label=f"grad norm {g}", **_marker(series[0]))
+        ax.plot(*series, linewidth=0.9, alpha=0.8, color=colors[g], label=f"grad norm {g}",
+                **_marker(series[0]))
     _maybe_log(ax, ([total] if total else []) + list(groups.values()), ratio=10.0)
     handles, _ = ax.get_legend_handles_labels()
 
@@ -541,56 +557,56 @@ class _Section:
 _READ = {
     "v_drift": (
         "Each row is one parameter tensor (model order, first at the top), each column a logged step; the "
-        "color is how much that tensor's second-moment estimate v moved since the previous log (log scale). "
-        "A calm run shows a quiet band. A bright vertical stripe, v jumping in many layers at once, tends to "
-        "come some steps <em>before</em> a loss spike: v lags a sudden rise of the gradients, so the updates "
-        "were already too large when it catches up. A single bright row points at one unstable layer (often "
-        "the embedding or the last layers). Gray: not logged at that step."
+        "color is how much that tensor's second-moment estimate v moved since the previous log (log scale)."
+        " A calm run shows a quiet band. A bright vertical stripe, v jumping in many layers at once, tends "
+        "to come some steps <em>before</em> a loss spike: v lags a sudden rise of the gradients, so the "
+        "updates were already too large when it catches up. A single bright row points at one unstable "
+        "layer (often the embedding or the last layers). Gray: not logged at that step."
     ),
     "sqrt_v_mean": (
-        "Mean of sqrt(v&#770;) per tensor: the typical Adam denominator, i.e. the recent gradient scale (log "
-        "scale). Rows that sink by orders of magnitude receive almost no gradient, so their effective step "
-        "lr/sqrt(v) grows and they can jump when gradient returns; rows that rise abruptly mark a gradient "
-        "blow-up. Embeddings of rare tokens usually sit lowest."
+        "Mean of sqrt(v&#770;) per tensor: the typical Adam denominator, i.e. the recent gradient scale "
+        "(log scale). Rows that sink by orders of magnitude receive almost no gradient, so their effective "
+        "step lr/sqrt(v) grows and they can jump when gradient returns; rows that rise abruptly mark a "
+        "gradient blow-up. Embeddings of rare tokens usually sit lowest."
     ),
     "snr": (
-        "Pseudo signal-to-noise ratio of the update: the first moment against the square root of the second. "
-        "Near 1 the gradient points the same way step after step (signal); near 0 it is mostly noise and "
-        "Adam's steps become a random walk. SNR falling across many layers late in training suggests the "
-        "learning rate is now too high for the noise (time to decay it). Read it with the dead-fraction map: "
-        "a layer with low SNR and many dead entries learns little."
+        "Pseudo signal-to-noise ratio of the update: the first moment against the square root of the "
+        "second. Near 1 the gradient points the same way step after step (signal); near 0 it is mostly "
+        "noise and Adam's steps become a random walk. SNR falling across many layers late in training "
+        "suggests the learning rate is now too high for the noise (time to decay it). Read it with the "
+        "dead-fraction map: a layer with low SNR and many dead entries learns little."
     ),
     "update_ratio": (
-        "||update|| / ||parameter|| per step (log scale): how fast each tensor changes relative to its size. "
-        "Around 1e-3 is typical of healthy Adam training; 1e-2 and above means the layer is rewritten every "
-        "step (learning rate too high, or instability), far below means it is effectively frozen (warmup, "
-        "tiny gradients, or an overly large weight norm)."
+        "||update|| / ||parameter|| per step (log scale): how fast each tensor changes relative to its "
+        "size. Around 1e-3 is typical of healthy Adam training; 1e-2 and above means the layer is rewritten"
+        " every step (learning rate too high, or instability), far below means it is effectively frozen "
+        "(warmup, tiny gradients, or an overly large weight norm)."
     ),
     "dead_fraction": (
         "Fraction of a tensor's entries whose gradient/second moment is (near) zero: dead units, unused "
         "vocabulary rows, masked weights (0 to 1). A rising fraction means capacity being lost; for "
-        "embeddings it reflects tokens not seen recently. Together with a low SNR it marks layers that have "
-        "stopped learning."
+        "embeddings it reflects tokens not seen recently. Together with a low SNR it marks layers that have"
+        " stopped learning."
     ),
     "embedding": (
-        "Top: mean_ratio = ||mean of the embedding rows|| / mean row norm, 0 for embeddings centered on the "
-        "origin, 1 when all rows point the same way. A growing mean_ratio means the embeddings drift together "
-        "in one direction (anisotropy): with plain Adam the per-row second moment lets rare-token rows take "
-        "large steps along the common gradient direction. Coupled Adam shares the second moment over the "
-        "vocabulary and should keep it low. Bottom: isotropy (higher = the rows use their dimensions more "
-        "evenly), which falls as the same degeneration sets in."
+        "Top: mean_ratio = ||mean of the embedding rows|| / mean row norm, 0 for embeddings centered on the"
+        " origin, 1 when all rows point the same way. A growing mean_ratio means the embeddings drift "
+        "together in one direction (anisotropy): with plain Adam the per-row second moment lets rare-token "
+        "rows take large steps along the common gradient direction. Coupled Adam shares the second moment "
+        "over the vocabulary and should keep it low. Bottom: isotropy (higher = the rows use their "
+        "dimensions more evenly), which falls as the same degeneration sets in."
     ),
     "grad_norm": (
-        "Global gradient norm before clipping (black) and per parameter group (thin lines). Orange ticks at the "
-        "bottom: log points at which clipping had triggered since the previous one; red crosses and dotted "
-        "lines: log points at which the non-finite guard had skipped a step. Clipping at nearly every step "
-        "means the threshold is below the typical norm (it acts as a learning-rate cut); isolated clips at "
-        "spikes are what clipping is for. Any skipped step means a NaN/inf gradient: look at the drift heatmap "
-        "just before it. Dashed, right axis: learning rate per group."
+        "Global gradient norm before clipping (black) and per parameter group (thin lines). Orange ticks at"
+        " the bottom: log points at which clipping had triggered since the previous one; red crosses and "
+        "dotted lines: log points at which the non-finite guard had skipped a step. Clipping at nearly "
+        "every step means the threshold is below the typical norm (it acts as a learning-rate cut); "
+        "isolated clips at spikes are what clipping is for. Any skipped step means a NaN/inf gradient: look"
+        " at the drift heatmap just before it. Dashed, right axis: learning rate per group."
     ),
     "loss": (
-        "Training and validation loss. All figures share this step axis: compare a loss spike here with the "
-        "stripes of the drift heatmap above it, and with the clip events of the gradient-norm figure."
+        "Training and validation loss. All figures share this step axis: compare a loss spike here with the"
+        " stripes of the drift heatmap above it, and with the clip events of the gradient-norm figure."
     ),
 }
 
@@ -618,7 +634,8 @@ def _sections(fam: _Families, table: Table, xlim: tuple[float, float]) -> list[_
                         (lambda: _embedding_figure(fam, xlim)) if has_emb else None))
     has_gn = "optim/grad_norm_total" in table or bool(fam.group_norms)
     out.append(_Section("grad_norm", "Gradient norm, clipping and skipped steps", "optim/grad_norm_total",
-                        _READ["grad_norm"], (lambda: _grad_norm_figure(fam, table, xlim)) if has_gn else None))
+                        _READ["grad_norm"],
+                        (lambda: _grad_norm_figure(fam, table, xlim)) if has_gn else None))
     out.append(_Section("loss", "Loss", "train/loss, val/loss", _READ["loss"],
                         (lambda: _loss_figure(fam, xlim)) if fam.losses else None))
     return out
@@ -659,10 +676,12 @@ def _tables(fam: _Families) -> str:
     rows = []
     for key, (steps, values) in sorted(fam.scalars.items()):
         if steps:
-            rows.append(f"<tr><td>{e(key)}</td><td>{_fmt_step(steps[-1])}</td><td>{_fmt(values[-1])}</td></tr>")
+            rows.append(f"<tr><td>{e(key)}</td><td>{_fmt_step(steps[-1])}</td>"
+                        f"<td>{_fmt(values[-1])}</td></tr>")
     parts = ["<h2 id='last'>Last values</h2>"]
     if rows:
-        parts.append("<table><tr><th>key</th><th>step</th><th>last value</th></tr>" + "".join(rows) + "</table>")
+        head = "<tr><th>key</th><th>step</th><th>last value</th></tr>"
+        parts.append(f"<table>{head}{''.join(rows)}</table>")
     if fam.per_param:
         summary = []
         for stat in PARAM_STATS:
@@ -672,13 +691,16 @@ def _tables(fam: _Families) -> str:
             last = sorted((v[-1], name) for name, (_, v) in data.items() if v and math.isfinite(v[-1]))
             if not last:
                 continue
-            med = last[len(last) // 2][0] if len(last) % 2 else (last[len(last) // 2 - 1][0] + last[len(last) // 2][0]) / 2
+            half = len(last) // 2
+            med = last[half][0] if len(last) % 2 else (last[half - 1][0] + last[half][0]) / 2
             summary.append(
-                f"<tr><td>optim/{e(stat)}/*</td><td>{len(data)}</td><td>{_fmt(last[0][0])}</td><td>{_fmt(med)}</td>"
+                f"<tr><td>optim/{e(stat)}/*</td><td>{len(data)}</td><td>{_fmt(last[0][0])}</td>"
+                f"<td>{_fmt(med)}</td>"
                 f"<td>{_fmt(last[-1][0])}</td><td>{e(last[-1][1])}</td></tr>"
             )
-        parts.append("<h3>Per-parameter statistics, last logged value across tensors</h3><table><tr><th>stat</th>"
-                     "<th>tensors</th><th>min</th><th>median</th><th>max</th><th>max at</th></tr>"
+        parts.append("<h3>Per-parameter statistics, last logged value across tensors</h3>"
+                     "<table><tr><th>stat</th><th>tensors</th><th>min</th><th>median</th><th>max</th>"
+                     "<th>max at</th></tr>"
                      + "".join(summary) + "</table>")
         stats = [s for s in PARAM_STATS if s in fam.per_param]
         head = "".join(f"<th>{e(s)}</th>" for s in stats)
@@ -725,7 +747,9 @@ def render(run_dir: str | Path, out_html: str | Path | None = None, *, source: s
     sections = _sections(fam, table, xlim)
 
     root = Path(run_dir)
-    out = Path(out_html) if out_html is not None else (root if root.is_dir() else root.parent) / "dashboard.html"
+    if out_html is None:
+        out_html = (root if root.is_dir() else root.parent) / "dashboard.html"
+    out = Path(out_html)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig_dir = out.with_name(f"{out.stem}_figures")
     fig_dir.mkdir(exist_ok=True)
@@ -742,19 +766,21 @@ def render(run_dir: str | Path, out_html: str | Path | None = None, *, source: s
         png = sec.draw()
         _write_bytes(png_path, png)
         body.append(f"<p class='read'>{sec.how_to_read}</p>")
-        body.append(f"<img alt='{e(sec.title)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
+        uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+        body.append(f"<img alt='{e(sec.title)}' src='{uri}'>")
 
     steps = [s for series in table.values() for s in series[0]]
-    nav = " ".join(f"<a href='#{s.name}'>{e(s.title)}</a>" for s in sections) + " <a href='#last'>Last values</a>"
+    nav = " ".join(f"<a href='#{s.name}'>{e(s.title)}</a>" for s in sections)
+    origin = "Lightning CSVLogger" if kind == "csv" else "W&amp;B run file"
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <title>Optimizer dashboard: {e(str(run_dir))}</title>
 <style>{_CSS}</style></head><body>
 <h1>Optimizer dashboard: {e(str(run_dir))}</h1>
-<p class="meta">Metrics from {e(str(path))} ({'Lightning CSVLogger' if kind == 'csv' else 'W&amp;B run file'}):
-{len(table)} series, {len(fam.layers)} parameter tensors, steps {_fmt_step(min(steps))} to {_fmt_step(max(steps))}.
+<p class="meta">Metrics from {e(str(path))} ({origin}): {len(table)} series, {len(fam.layers)} parameter
+tensors, steps {_fmt_step(min(steps))} to {_fmt_step(max(steps))}.
 Written by <code>python -m lightning_optim.dashboard</code>; figures also in {e(fig_dir.name)}/.</p>
-<nav>{nav}</nav>
+<nav>{nav} <a href='#last'>Last values</a></nav>
 {chr(10).join(body)}
 {_tables(fam)}
 </body></html>
@@ -772,15 +798,16 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m lightning_optim.dashboard",
         description="Write an HTML dashboard (with PNG figures) of a run's optimizer statistics.",
     )
-    parser.add_argument("run_dir", help="run directory (searched for metrics.csv or a W&B run), or the metrics file")
+    parser.add_argument("run_dir", help="run directory (searched for metrics.csv or a W&B run), "
+                        "or the metrics file itself")
     parser.add_argument("-o", "--output", help="HTML file to write (default: RUN_DIR/dashboard.html)")
     parser.add_argument("--source", choices=("auto", "csv", "wandb"), default="auto",
                         help="which metrics to read when the run has both (default: metrics.csv first)")
     args = parser.parse_args(argv)
     try:
         out = render(args.run_dir, args.output, source=args.source)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (OSError, ValueError) as exc:
+        print("error: " + " ".join(str(exc).splitlines()), file=sys.stderr)
         return 2
     print(out)
     return 0

@@ -15,9 +15,11 @@ run-<id>.wandb`` (``run-<time>-<id>/`` when online). The file is a LevelDB-style
 * each reassembled record is a serialized ``wandb.proto.wandb_internal_pb2.Record``; the
   history rows are the records whose ``record_type`` is ``"history"``.
 
-wandb >= 0.18 no longer ships a Python reader for this format (its ``DataStore`` went with
-the move to the Go ``wandb-core``), so this module is the reader; only the protobuf classes
-come from wandb, imported on first use.
+wandb itself ships no public Python reader for this format any more (0.31, the version this was
+written against, has none: the old ``wandb.sdk.internal.datastore.DataStore`` went with the move
+to the Go ``wandb-core``), so this module is the reader; only the protobuf classes come from
+wandb, imported on first use. History values are decoded from ``value_json`` or, for runs
+logged with ``x_history_value_encoding="json,typed"``, from the typed ``value`` fields.
 
 A run that is still being written may end in a partial chunk: reading stops there, so the
 rows logged so far are returned. A wrong file header, a checksum mismatch, a chunk sequence
@@ -86,7 +88,8 @@ def find_run_file(path: str | Path) -> Path:
                 files += [f for f in base.glob(pattern) if f.is_file()]
     if not files:
         raise FileNotFoundError(
-            f"no W&B run file (run-*.wandb) in {str(p)!r}, its offline-run-*/run-* directories or its wandb/ directory"
+            f"no W&B run file (run-*.wandb) in {str(p)!r}, its offline-run-*/run-* directories "
+            "or its wandb/ directory"
         )
     return latest_run_file(files)
 
@@ -103,7 +106,8 @@ def iter_records(path: str | Path) -> Iterator[bytes]:
         raise ValueError(f"{where} is not a W&B run file: {len(data)} bytes, shorter than the 7-byte header")
     ident, magic, version = FILE_HEADER.unpack_from(data, 0)
     if ident != FILE_MAGIC or magic != FILE_MAGIC_NUMBER:
-        raise ValueError(f"{where} is not a W&B run file: header {data[:7]!r}, expected b':W&B\\xe1\\xbe\\x00'")
+        raise ValueError(f"{where} is not a W&B run file: header {data[:7]!r}, "
+                         "expected b':W&B\\xe1\\xbe\\x00'")
     if version != FILE_VERSION:
         raise ValueError(f"{where}: W&B record log version {version} is not supported (only {FILE_VERSION})")
 
@@ -123,17 +127,18 @@ def iter_records(path: str | Path) -> Iterator[bytes]:
         if ctype not in _TYPE_CRC:
             raise ValueError(f"{where} is corrupt: chunk type {ctype} at byte {pos} (expected 1-4)")
         if CHUNK_HEADER.size + length > left_in_block:
-            raise ValueError(f"{where} is corrupt: chunk of {length} bytes at byte {pos} crosses a block boundary")
+            raise ValueError(f"{where} is corrupt: chunk of {length} bytes at byte {pos} "
+                             "crosses a block boundary")
         start = pos + CHUNK_HEADER.size
         if start + length > end:
             return  # a chunk still being written: stop at the last complete record
         payload = data[start : start + length]
         if zlib.crc32(payload, _TYPE_CRC[ctype]) != checksum:
             raise ValueError(f"{where} is corrupt: checksum mismatch in the chunk at byte {pos}")
-        pos = start + length
+        here, pos = pos, start + length
         if ctype == FULL or ctype == FIRST:
             if pending is not None:
-                raise ValueError(f"{where} is corrupt: a record begun before byte {pos - length - 7} has no LAST chunk")
+                raise ValueError(f"{where} is corrupt: a record begun before byte {here} has no LAST chunk")
             if ctype == FULL:
                 yield payload
             else:
@@ -141,7 +146,7 @@ def iter_records(path: str | Path) -> Iterator[bytes]:
         else:
             if pending is None:
                 name = "MIDDLE" if ctype == MIDDLE else "LAST"
-                raise ValueError(f"{where} is corrupt: {name} chunk at byte {pos - length - 7} without a FIRST chunk")
+                raise ValueError(f"{where} is corrupt: {name} chunk at byte {here} without a FIRST chunk")
             pending += payload
             if ctype == LAST:
                 yield bytes(pending)
@@ -207,7 +212,8 @@ def read_history(path: str | Path) -> list[dict[str, Any]]:
             try:
                 value = _item_value(item)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{str(file)!r} is corrupt: record {n} has a value that is not JSON ({exc})") from None
+                raise ValueError(f"{str(file)!r} is corrupt: record {n} has a value that is not JSON "
+                                 f"({exc})") from None
             if item.nested_key:
                 _set_path(row, list(item.nested_key), value)
             else:

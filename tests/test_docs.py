@@ -37,6 +37,7 @@ def test_readme_documents_every_config_field():
     from lightning_optim import config
 
     readme = (ROOT / "README.md").read_text()
-    for cls in (config.SchedulerConfig, config.ClippingConfig, config.AccumulationConfig, config.PartitionConfig):
+    for cls in (config.SchedulerConfig, config.ClippingConfig, config.AccumulationConfig, config.PartitionConfig,
+                config.MonitorConfig):
         for f in dataclasses.fields(cls):
             assert f"`{f.name}`" in readme, f"README does not document {cls.__name__}.{f.name}"

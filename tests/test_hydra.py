@@ -26,16 +26,28 @@ def run(args, cwd, env=None, timeout=300):
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_train_runs_with_coupled_adam(tmp_path):
+def test_train_runs_with_coupled_adam_and_writes_the_dashboard(tmp_path):
     out = tmp_path / "run"
-    proc = run(["-m", "lightning_optim.train", "optimizer=coupled_adam", "trainer.max_steps=5",
-                "trainer.val_check_interval=5", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
-                f"hydra.run.dir={out}"], tmp_path)
+    proc = run(["-m", "lightning_optim.train", "optimizer=coupled_adam", "trainer.max_steps=6",
+                "trainer.val_check_interval=3", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
+                "monitor.every_n_steps=1", "monitor.expensive_every_n_steps=3", f"hydra.run.dir={out}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "checkpoints" / "last.ckpt").is_file()
     metrics = (out / "logs" / "metrics.csv").read_text()
-    assert "optim/grad_norm_total" in metrics and "optim/lr/embedding" in metrics
+    for key in ("optim/grad_norm_total", "optim/lr/embedding", "optim/v_drift/net.embed.weight",
+                "embedding/isotropy/net.embed.weight", "val/perplexity"):
+        assert key in metrics, key
     assert f"checkpoint:    {out / 'checkpoints' / 'last.ckpt'}" in proc.stdout
+    assert f"dashboard:     {out / 'dashboard.html'}" in proc.stdout
+    html = (out / "dashboard.html").read_text()
+    figures = sorted((out / "dashboard_figures").glob("*.png"))
+    assert html.count("data:image/png;base64,") == len(figures) == 8
+    from PIL import Image
+    import numpy as np
+
+    for png in figures:  # each figure drawn, not blank
+        pixels = np.asarray(Image.open(png).convert("L"), dtype=float)
+        assert pixels.std() > 5, png.name
 
 
 @pytest.mark.parametrize(

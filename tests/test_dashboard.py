@@ -1,0 +1,488 @@
+"""The dashboard (lightning_optim.dashboard) and the W&B record-log reader (lightning_optim.wandb_history)."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import math
+import os
+import re
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("matplotlib")
+from PIL import Image  # noqa: E402  (matplotlib depends on pillow)
+
+from lightning_optim import dashboard, wandb_history  # noqa: E402
+from lightning_optim.dashboard import load_run, render  # noqa: E402
+from lightning_optim.wandb_history import BLOCK_SIZE, iter_records, read_history  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_URI = re.compile(r"data:image/png;base64,([A-Za-z0-9+/=]+)")
+GROUPS = ("embedding", "decay", "no_decay")
+HEATMAP_STATS = ("v_drift", "sqrt_v_mean", "snr", "update_ratio", "dead_fraction")
+ALL_FIGURES = 8  # five heatmaps, embeddings, grad norm, loss
+
+
+def layer_names(n: int) -> list[str]:
+    kinds = ("ln_1.weight", "attn.c_attn.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    return ["transformer.wte.weight"] + [f"transformer.blocks.{i // 4}.{kinds[i % 4]}" for i in range(n - 1)]
+
+
+def write_csv_run(run_dir: Path, *, n_layers: int = 30, n_steps: int = 100, every: int = 2,
+                  per_param: bool = True, embedding: bool = True, grad_norm: bool = True,
+                  loss: bool = True) -> dict:
+    """A metrics.csv as Lightning's CSVLogger writes it: sorted columns, a ``step`` column and
+    sparse rows (training rows every step, monitor statistics every ``every`` steps, separate
+    validation rows). Returns what was written, for the assertions."""
+    rng = np.random.default_rng(0)
+    layers = layer_names(n_layers)
+    rows: list[dict] = []
+    clipped = skipped = 0
+    clip_steps, skip_steps = [], []
+    for s in range(1, n_steps + 1):
+        row: dict = {"step": s, "epoch": 0}
+        if loss:
+            row["train/loss"] = 5 * math.exp(-s / 40) + 0.1 * rng.random() + (2.0 if s == 70 else 0.0)
+        if grad_norm:
+            row["optim/grad_norm_total"] = 1 + rng.random() + (10.0 if s == 68 else 0.0)
+            if s % 7 == 0:
+                clipped += 1
+                clip_steps.append(s)
+            if s == 68:
+                skipped += 1
+                skip_steps.append(s)
+            row["optim/clipped_steps"] = float(clipped)
+            row["optim/skipped_steps"] = float(skipped)
+            for g in GROUPS:
+                row[f"optim/lr/{g}"] = 1e-3 * min(1.0, s / 10)
+                row[f"optim/grad_norm/{g}"] = rng.random()
+                row[f"optim/clipped/{g}"] = float(s % 7 == 0)
+        if s % every == 0:
+            if per_param:
+                for i, name in enumerate(layers):
+                    burst = 100.0 if 64 <= s <= 68 else 1.0
+                    row[f"optim/v_drift/{name}"] = 1e-3 * (1 + rng.random()) * burst
+                    row[f"optim/sqrt_v_mean/{name}"] = 10 ** (-3 - i / 10) * (1 + 0.1 * rng.random())
+                    row[f"optim/snr/{name}"] = rng.random()
+                    row[f"optim/update_ratio/{name}"] = 1e-3 * (1 + rng.random())
+                    row[f"optim/dead_fraction/{name}"] = 0.2 * rng.random()
+                    row[f"optim/grad_norm/{name}"] = rng.random()
+            if embedding:
+                row[f"embedding/mean_ratio/{layers[0]}"] = 0.01 * s
+                row[f"embedding/isotropy/{layers[0]}"] = 1 - 0.005 * s
+                row[f"embedding/mean_norm/{layers[0]}"] = 0.02 * s
+        rows.append(row)
+        if loss and s % 10 == 0:
+            rows.append({"step": s, "epoch": 0, "val/loss": 1.0 / s})
+    keys = sorted(set().union(*rows))
+    path = run_dir / "logs" / "metrics.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    return {"rows": rows, "layers": layers, "clip_steps": clip_steps, "skip_steps": skip_steps, "path": path}
+
+
+def embedded_pngs(html_text: str) -> list[bytes]:
+    return [base64.b64decode(m) for m in PNG_URI.findall(html_text)]
+
+
+def assert_real_image(png: bytes) -> None:
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    with Image.open(io.BytesIO(png)) as im:
+        pixels = np.asarray(im.convert("RGB"), dtype=np.float64)
+    assert pixels.shape[0] > 100 and pixels.shape[1] > 500
+    assert pixels.std() > 5.0, "blank image"
+
+
+# --------------------------------------------------------------------------------------
+# CSV runs
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("full_run")
+    info = write_csv_run(run_dir)
+    out = render(run_dir, run_dir / "report" / "dash.html")
+    return run_dir, info, out
+
+
+def test_load_run_reads_sparse_csv(full_run):
+    run_dir, info, _ = full_run
+    table = load_run(run_dir)
+    assert "step" not in table
+    steps, values = table["val/loss"]
+    assert steps == list(range(10, 101, 10))  # only the validation rows, the empty cells skipped
+    assert values == pytest.approx([1.0 / s for s in steps])
+    steps, values = table["train/loss"]
+    assert steps == list(range(1, 101)) and len(values) == 100
+    name = info["layers"][5]
+    steps, values = table[f"optim/v_drift/{name}"]
+    assert steps == list(range(2, 101, 2))
+    written = [r[f"optim/v_drift/{name}"] for r in info["rows"] if f"optim/v_drift/{name}" in r]
+    assert values == pytest.approx(written)
+    assert table["optim/clipped_steps"][1][-1] == len(info["clip_steps"])
+
+
+def test_render_full_run(full_run):
+    run_dir, info, out = full_run
+    assert out == run_dir / "report" / "dash.html" and out.is_file()
+    text = out.read_text()
+    pngs = embedded_pngs(text)
+    assert len(pngs) == ALL_FIGURES
+    for png in pngs:
+        assert_real_image(png)
+    # the same figures beside the page
+    files = sorted((run_dir / "report" / "dash_figures").glob("*.png"))
+    assert {f.stem for f in files} == {*HEATMAP_STATS, "embedding", "grad_norm", "loss"}
+    assert sorted(f.read_bytes() for f in files) == sorted(pngs)
+    # self-contained, titled, explained
+    assert "not logged in this run" not in text
+    assert "<script" not in text and "<link" not in text and "http://" not in text and "https://" not in text
+    assert str(run_dir) in text.split("</h1>")[0]
+    assert text.count("class='read'") == ALL_FIGURES
+    assert "anisotropy" in text and "Coupled Adam" in text and "before</em> a loss spike" in text
+
+
+def test_last_values_table_and_group_ambiguity(full_run):
+    _, info, out = full_run
+    text = out.read_text()
+    last = text.split("id='last'")[1]
+    assert "<td>train/loss</td><td>100</td>" in last
+    assert f"<td>optim/skipped_steps</td><td>100</td><td>{len(info['skip_steps'])}</td>" in last
+    # optim/grad_norm/<group> is a group series; optim/grad_norm/<param> a per-parameter one
+    assert "<td>optim/grad_norm/decay</td>" in last
+    assert "<td>optim/grad_norm/*</td><td>30</td>" in last
+    assert "<td>optim/v_drift/*</td><td>30</td>" in last
+
+
+def test_layer_order_is_model_like(full_run):
+    _, info, out = full_run
+    details = out.read_text().split("<details>")[1]
+    order = re.findall(r"<tr><td>([^<]+)</td><td>", details)
+    # the CSV's columns are sorted (blocks.10 before blocks.2, wte last); rows come back
+    # embedding first, then numeric-aware
+    assert order[0] == "transformer.wte.weight"
+    assert order.index("transformer.blocks.1.ln_1.weight") < order.index("transformer.blocks.7.ln_1.weight")
+    assert sorted(order) == sorted(info["layers"])
+
+
+def test_layer_order_natural_sort_across_ten():
+    table = {f"optim/v_drift/blocks.{i}.w": ([1], [1.0]) for i in sorted(range(12), key=str)}
+    fam = dashboard._classify(table, keep_order=True)
+    assert fam.layers == [f"blocks.{i}.w" for i in range(12)]
+    unsorted = {f"optim/v_drift/{n}": ([1], [1.0]) for n in ("z.w", "a.w", "m.w")}  # model order kept
+    assert dashboard._classify(unsorted, keep_order=True).layers == ["z.w", "a.w", "m.w"]
+    assert dashboard._classify(unsorted, keep_order=False).layers == ["a.w", "m.w", "z.w"]
+
+
+def test_abbreviate_long_names():
+    names = ["model.transformer.blocks.11.attention.self_attn.query_key_value.weight",
+             "model.transformer.wte.weight", "model.head.weight"]
+    short = dashboard._abbreviate(names, width=36)
+    assert all(len(s) <= 36 for s in short)
+    # the shared "model." dropped; middle parts elided, block index and the last two kept
+    assert short == ["\u2026blocks.11\u2026query_key_value.weight", "transformer.wte.weight", "head.weight"]
+    short = dashboard._abbreviate(["model.blocks.3.attention.dense.weight"], width=30)
+    assert short == ["model.blocks.3\u2026dense.weight"]
+    assert dashboard._abbreviate(["a.b", "a.c"]) == ["b", "c"]
+    assert dashboard._abbreviate(["only.one.name"]) == ["only.one.name"]
+    assert len(dashboard._abbreviate(["x" * 80])[0]) == 36
+
+
+def test_missing_families_get_notes(tmp_path):
+    write_csv_run(tmp_path, n_layers=4, n_steps=20, per_param=False, embedding=False)
+    out = render(tmp_path)
+    assert out == tmp_path / "dashboard.html"
+    text = out.read_text()
+    pngs = embedded_pngs(text)
+    assert len(pngs) == 2  # grad norm and loss only
+    for png in pngs:
+        assert_real_image(png)
+    for stat in HEATMAP_STATS:
+        assert f"not logged in this run: optim/{stat}/&lt;parameter&gt;" in text
+    assert ("not logged in this run: embedding/mean_ratio/&lt;name&gt;, "
+            "embedding/isotropy/&lt;name&gt;") in text
+    assert {f.stem for f in (tmp_path / "dashboard_figures").glob("*.png")} == {"grad_norm", "loss"}
+    # deterministic: the same input gives the same page
+    first = out.read_bytes()
+    assert render(tmp_path).read_bytes() == first
+
+    # a later render with less data removes the figure it no longer draws
+    write_csv_run(tmp_path, n_layers=4, n_steps=20, per_param=False, embedding=False, loss=False)
+    text = render(tmp_path).read_text()
+    assert len(embedded_pngs(text)) == 1
+    assert "not logged in this run: train/loss, val/loss" in text
+    assert {f.stem for f in (tmp_path / "dashboard_figures").glob("*.png")} == {"grad_norm"}
+
+
+def test_per_parameter_only_run(tmp_path):
+    write_csv_run(tmp_path, n_layers=3, n_steps=6, grad_norm=False, loss=False, embedding=False)
+    text = render(tmp_path, tmp_path / "x.html").read_text()
+    assert len(embedded_pngs(text)) == len(HEATMAP_STATS)
+    assert "not logged in this run: optim/grad_norm_total" in text
+
+
+def test_no_metrics_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path))):
+        load_run(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        render(tmp_path / "nope")
+    (tmp_path / "metrics.csv").write_text("epoch,loss\n0,1.0\n")
+    with pytest.raises(ValueError, match="no 'step' column"):
+        load_run(tmp_path)
+
+
+# --------------------------------------------------------------------------------------
+# W&B offline run
+
+
+@pytest.fixture(scope="module")
+def wandb_run(tmp_path_factory):
+    wandb = pytest.importorskip("wandb")
+    root = tmp_path_factory.mktemp("wandb_run")
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true",
+           "WANDB_DISABLE_CODE": "true", "WANDB_CONSOLE": "off", "WANDB_DIR": str(root)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    logged = []
+    try:
+        run = wandb.init(dir=str(root), mode="offline", project="dashboard-test",
+                         settings=wandb.Settings(disable_git=True, save_code=False, console="off"))
+        for step in range(6):
+            row = {
+                "train/loss": 2.0 / (step + 1),
+                "optim/grad_norm_total": 1.0 + step,
+                "optim/lr/decay": 1e-3,
+                "optim/skipped_steps": float(step >= 4),
+                "optim/v_drift/blocks.0.attn.c_attn.weight": 0.1 * (step + 1),
+                "optim/v_drift/blocks.1.mlp.c_fc.weight": 0.2 * (step + 1),
+                "trainer/global_step": 10 * step,  # as Lightning's WandbLogger logs it
+                "optim/log10_sqrt_v/blocks.0.attn.c_attn.weight": wandb.Histogram(np.arange(10.0) + step),
+            }
+            run.log(row)
+            logged.append(row)
+        run.finish()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return root, logged
+
+
+def test_read_history_of_a_real_offline_run(wandb_run):
+    root, logged = wandb_run
+    run_dirs = list((root / "wandb").glob("offline-run-*"))
+    assert len(run_dirs) == 1
+    for where in (root, root / "wandb", run_dirs[0], next(run_dirs[0].glob("run-*.wandb"))):
+        rows = read_history(where)
+        assert [r["_step"] for r in rows] == list(range(len(logged)))
+    for row, sent in zip(rows, logged):
+        for key, value in sent.items():
+            if key.startswith("optim/log10_sqrt_v/"):
+                hist = row[key]
+                assert wandb_history.is_histogram(hist)
+                assert len(hist["bins"]) == len(hist["values"]) + 1 and sum(hist["values"]) == 10
+            else:
+                assert row[key] == pytest.approx(value), key
+
+
+def test_dashboard_from_a_wandb_run(wandb_run, tmp_path):
+    root, logged = wandb_run
+    table = load_run(root)
+    # histograms and W&B's own keys are not numeric series
+    assert not any(k.startswith("optim/log10_sqrt_v") or k.startswith("_") for k in table)
+    assert "trainer/global_step" not in table
+    steps, values = table["train/loss"]
+    assert steps == [10 * i for i in range(len(logged))]  # Lightning's step, not W&B's _step
+    assert values == pytest.approx([r["train/loss"] for r in logged])
+    out = render(root, tmp_path / "wb.html")
+    text = out.read_text()
+    pngs = embedded_pngs(text)
+    assert len(pngs) == 3  # v_drift heatmap, grad norm, loss
+    for png in pngs:
+        assert_real_image(png)
+    assert "W&amp;B run file" in text
+    assert "not logged in this run: optim/snr/&lt;parameter&gt;" in text
+
+
+# --------------------------------------------------------------------------------------
+# The record log, by hand
+
+
+def chunk(ctype: int, payload: bytes) -> bytes:
+    crc = zlib.crc32(bytes([ctype]) + payload)
+    return struct.pack("<IHB", crc, len(payload), ctype) + payload
+
+
+def write_log(path: Path, records: list[bytes]) -> list[int]:
+    """W&B's writer, as specified: returns the chunk types written, in order."""
+    out = bytearray(b":W&B" + struct.pack("<HB", 0xBEE1, 0))
+    types = []
+    for record in records:
+        rest, first = record, True
+        while True:
+            left = BLOCK_SIZE - len(out) % BLOCK_SIZE
+            if left < 7:
+                out += b"\x00" * left
+                left = BLOCK_SIZE
+            piece, rest = rest[: left - 7], rest[left - 7:]
+            ctype = (1 if first else 4) if not rest else (2 if first else 3)
+            out += chunk(ctype, piece)
+            types.append(ctype)
+            first = False
+            if not rest:
+                break
+    path.write_bytes(bytes(out))
+    return types
+
+
+def history_record(step: int, items: dict, typed: dict | None = None) -> bytes:
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    rec = pb.Record()
+    rec.history.step.num = step
+    for key, value in items.items():
+        item = rec.history.item.add()
+        item.nested_key.extend(key if isinstance(key, tuple) else [key])
+        item.value_json = json.dumps(value)
+    for key, (field, value) in (typed or {}).items():
+        item = rec.history.item.add()
+        item.key = key
+        if field == "none":
+            item.none = 0
+        else:
+            setattr(item, field, value)
+    return rec.SerializeToString()
+
+
+def other_record(text: str) -> bytes:
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    rec = pb.Record()
+    rec.output_raw.line = text
+    return rec.SerializeToString()
+
+
+def test_record_spanning_blocks(tmp_path):
+    big = list(range(20000))  # ~110 KB of JSON: FIRST, MIDDLE, MIDDLE, LAST
+    first = history_record(0, {"_step": 0, "train/loss": 1.5, ("h", "_type"): "histogram",
+                               ("h", "values"): [1, 2]})
+    # a filler sized so that block 0 ends in a 3-byte tail, shorter than a chunk header (padding)
+    target = BLOCK_SIZE - 3 - 7 - (7 + len(first)) - 7
+    length = target
+    while len(other_record("x" * length)) != target:
+        length += target - len(other_record("x" * length))
+    filler = other_record("x" * length)
+    records = [
+        first,
+        filler,
+        history_record(1, {"_step": 1, "big": big, "train/loss": 0.75}),
+        history_record(2, {"train/loss": 0.5},
+                       typed={"i": ("integer", 2**40 + 1), "f": ("number", 0.25), "t": ("text", "ok"),
+                              "b": ("boolean", True), "j": ("json", "[1, 2]"), "n": ("none", None)}),
+    ]
+    path = tmp_path / "run-hand.wandb"
+    types = write_log(path, records)
+    assert types[:2] == [1, 1] and types[2:].count(3) >= 1 and 2 in types and 4 in types
+    data = path.read_bytes()
+    assert len(data) > 3 * BLOCK_SIZE and data[BLOCK_SIZE - 3:BLOCK_SIZE] == b"\x00\x00\x00"
+    assert list(iter_records(path)) == records
+
+    rows = read_history(path)
+    assert rows[0] == {"_step": 0, "train/loss": 1.5, "h": {"_type": "histogram", "values": [1, 2]}}
+    assert rows[1]["big"] == big and rows[1]["train/loss"] == 0.75
+    assert rows[2] == {"train/loss": 0.5, "_step": 2, "i": 2**40 + 1, "f": 0.25, "t": "ok", "b": True,
+                       "j": [1, 2], "n": None}
+    table = dashboard._wandb_table(rows)
+    assert table["train/loss"] == ([0, 1, 2], [1.5, 0.75, 0.5])
+    assert "h" not in table and "big" not in table and "t" not in table
+
+
+def test_padding_left_by_a_block_tail(tmp_path):
+    # a first record that leaves exactly 3 bytes in block 0: the next chunk starts in block 1
+    size = BLOCK_SIZE - 7 - 7 - 3
+    first = b"a" * size
+    path = tmp_path / "pad.wandb"
+    write_log(path, [first, b"second"])
+    data = path.read_bytes()
+    assert data[BLOCK_SIZE - 3:BLOCK_SIZE] == b"\x00\x00\x00"
+    assert list(iter_records(path)) == [first, b"second"]
+
+
+def test_running_run_truncated_tail(tmp_path):
+    path = tmp_path / "live.wandb"
+    records = [history_record(i, {"_step": i, "train/loss": 1.0 / (i + 1)}) for i in range(3)]
+    write_log(path, records)
+    data = path.read_bytes()
+    path.write_bytes(data[:-5])  # the last record still being written
+    assert [r["_step"] for r in read_history(path)] == [0, 1]
+
+
+def test_corrupt_files_raise_clear_errors(tmp_path):
+    path = tmp_path / "run-bad.wandb"
+    write_log(path, [history_record(0, {"_step": 0, "train/loss": 1.0}), b"tail record"])
+    data = bytearray(path.read_bytes())
+    data[20] ^= 0xFF  # inside the first record's payload
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ".*checksum"):
+        read_history(path)
+
+    path.write_bytes(b"PK\x03\x04 not a run file at all")
+    with pytest.raises(ValueError, match="not a W&B run file"):
+        read_history(path)
+
+    write_log(path, [b""])
+    data = bytearray(path.read_bytes())
+    data[13] = 4  # a LAST chunk with no FIRST (its checksum fixed to match)
+    data[7:11] = struct.pack("<I", zlib.crc32(bytes([4])))
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="without a FIRST"):
+        read_history(path)
+
+    write_log(path, [b"\xff\xff\xff not a protobuf"])
+    with pytest.raises(ValueError, match="not a W&B Record"):
+        read_history(path)
+
+    with pytest.raises(FileNotFoundError, match="missing"):
+        read_history(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no W&B run file"):
+        read_history(tmp_path / "empty")
+
+
+# --------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli(full_run, tmp_path):
+    run_dir, _, _ = full_run
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "cli.html"
+    ok = subprocess.run([sys.executable, "-m", "lightning_optim.dashboard", str(run_dir), "-o", str(out)],
+                        capture_output=True, text=True, env=env, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip() == str(out)
+    assert len(embedded_pngs(out.read_text())) == ALL_FIGURES
+
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    bad = subprocess.run([sys.executable, "-m", "lightning_optim.dashboard", str(empty)],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2
+    assert bad.stdout == ""
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no metrics" in lines[0] and str(empty) in lines[0]
+    assert not (empty / "dashboard.html").exists()
