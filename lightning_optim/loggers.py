@@ -78,3 +78,11 @@ def log_histograms(trainer: Any, values: Mapping[str, Any], step: int, *, num_bi
     for logger in loggers:
         logger.log_metrics(hists, step=step)
     return True
+
+
+def close(logger: Logger) -> None:
+    """Flush and close ``logger`` so that its files are complete (the dashboard reads them).
+    A W&B run writes through a background service; ``finish`` waits for it."""
+    logger.finalize("success")
+    if type(logger).__name__ == "WandbLogger":
+        logger.experiment.finish()

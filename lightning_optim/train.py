@@ -30,8 +30,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from . import conf  # noqa: F401  (registers the config schemas)
 from .callback import MomentMonitor, OptimizerCallback
 from .demo import TiedBigram, zipf_pairs
-from .dashboard import render
-from .loggers import build_logger
+from .dashboard import NoMetricsError, render
+from .loggers import build_logger, close
 from .validation import ConfigurationError
 
 
@@ -94,9 +94,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigurationError(f"trainer: {err}") from err
     trainer.fit(model, train, val)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    logger.finalize("success")
-    dashboard = render(out, out / "dashboard.html")
-    result = {"run_dir": str(out), "checkpoint": ckpt.last_model_path, "metrics": metrics, "dashboard": str(dashboard)}
+    close(logger)
+    try:
+        dashboard = str(render(out, out / "dashboard.html"))
+    except NoMetricsError:  # TensorBoard event files: the dashboard reads CSV and W&B runs
+        dashboard = f"not written ({type(logger).__name__}: use logger=csv or logger=wandb for it)"
+    result = {"run_dir": str(out), "checkpoint": ckpt.last_model_path, "metrics": metrics, "dashboard": dashboard}
     print(f"\nrun directory: {out}\ncheckpoint:    {ckpt.last_model_path}\ndashboard:     {dashboard}")
     where = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
     print(f"metrics:       {where} ({type(logger).__name__})")

@@ -166,3 +166,7 @@ def test_other_loggers_write_their_files(tmp_path, logger, expect):
                 "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert list((tmp_path / "run").glob(expect)), sorted(str(p) for p in (tmp_path / "run").rglob("*"))
+    if logger == "wandb":  # the dashboard reads the offline run file back
+        assert (tmp_path / "run" / "dashboard.html").is_file()
+    else:
+        assert "dashboard:     not written (TensorBoardLogger" in proc.stdout
