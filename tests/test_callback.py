@@ -362,3 +362,9 @@ def test_logged_keys_are_the_documented_ones(tmp_path):
     table = readme[readme.index("## Logged metrics"):readme.index("### Moment statistics")]
     documented = set(re.findall(r"^\| `(optim/[^`]+)`", table, flags=re.M))
     assert logged == documented
+
+
+def test_accumulation_by_epoch_changes_at_the_epoch_start():
+    cb = OptimizerCallback(optimizer={"name": "sgd", "lr": 0.1}, accumulation={"schedule": [[0, 1], [1, 3]], "by": "epoch"})
+    trainer([cb], max_epochs=2).fit(BareLM(), data(batches=6))
+    assert cb.steps_taken == 6 + 2
