@@ -152,3 +152,24 @@ def test_wandb_offline_run_has_per_layer_keys(tmp_path, monkeypatch):
             assert values and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values), (key, values)
     assert "embedding/isotropy/embed.weight" in keys
     assert any(re.match(r"optim/log10_sqrt_v/", k) for k in keys)  # W&B histograms
+
+
+@pytest.mark.slow
+def test_ddp_statistics_are_rank_consistent(tmp_path):
+    """Under 2-process DDP the gradients are all-reduced, so every rank computes the same statistics."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "scripts" / "ddp_monitor.py"
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["params"] == r1["params"]
+    assert len(r0["stats"]) == len(r1["stats"]) == 3
+    assert any(k.startswith("optim/v_drift/") for k in r0["stats"][-1])
+    for a, b in zip(r0["stats"], r1["stats"]):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-12), key
