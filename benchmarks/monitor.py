@@ -15,8 +15,8 @@ The model
     the coupled ``embedding`` group; clipping is by global norm, ``max_norm=1``.
 
 What one step is
-    Plain PyTorch, not Lightning's Trainer (whose per-step overhead is larger than what is
-    measured here, and varies). The step does what Lightning plus the two callbacks do, in
+    Plain PyTorch, not Lightning's Trainer (whose own per-step overhead would dominate and
+    vary). The step does what Lightning plus the two callbacks do, in
     their order: ``zero_grad``, forward, backward; then ``MomentMonitor.on_before_optimizer_step``
     (on a logging step ``MomentStats.before_step()``: gradient norms and a parameter
     snapshot, before clipping); then ``OptimizerCallback``'s part (``GradientClipper.clip_``
@@ -31,25 +31,35 @@ What one step is
     configurations would pay alike.
 
 Configurations, each with its own model and optimizer from the same seed
-    ``off`` (baseline: no monitor), ``every 50`` (isotropy every 500: the defaults),
-    ``every 10`` (isotropy every 500), ``every step`` (isotropy every 10: ``monitor=every_step``).
+    ``off`` (baseline: no monitor), ``off, again (A/A)`` (a second baseline, timed like the
+    others: its "overhead" is the noise floor of this run), ``every 50`` (isotropy every 500:
+    the defaults), ``every 10`` (isotropy every 500), ``every step`` (isotropy every 10:
+    ``monitor=every_step``).
 
 How it is timed
     Each configuration first takes ``--warmup`` untimed steps (the sync check below runs
     then). Then ``--rounds`` interleaved rounds: round-robin over the configurations, each
-    running ``--steps`` consecutive steps, the starting configuration rotating every
-    round, so drift (clocks, other load) hits all alike. Every step is timed with
-    ``time.perf_counter`` (on CUDA, after a ``torch.cuda.synchronize`` at its end). A block
-    of ``--steps`` consecutive steps (default 500, a multiple of every cadence) holds
-    exactly its share of logging and isotropy steps, so its mean step time carries the
-    amortized cost of logging; ``ms/step`` is the median over rounds of those block means.
-    ``overhead`` is the median over rounds of (block mean / the baseline's block mean in
-    the same round) - 1, and ``spread`` the interquartile range of those per-round ratios:
-    overheads smaller than it are noise. A second, less noise-prone estimate,
-    ``overhead (classes)``, splits the steps into classes (non-logging, logging, isotropy),
-    takes each class's median step time and weights them by how often they occur, against
-    the baseline's median step. ``window`` is the median over all windows of ``--window``
-    consecutive steps (each holds one logging step at every 50).
+    running a window of ``--steps`` consecutive steps (default 50: one logging step at
+    every 50, five at every 10), the starting configuration rotating every round, so drift
+    (clocks, other load on the VM) hits all configurations alike. Every step is timed with
+    ``time.perf_counter`` (on CUDA, after a ``torch.cuda.synchronize`` at its end). Reported
+    per configuration:
+
+    - ``ms/step``: the mean over all timed steps, logging and isotropy steps included (the
+      amortized cost; sensitive to stalls, which hit every configuration alike).
+    - ``window``: the median over rounds of the window's mean step time.
+    - ``overhead``: the median over rounds of (window mean / the baseline's window mean in
+      the same round) - 1, a paired estimate; ``spread`` is the interquartile range of those
+      per-round ratios. One window in ten holds the isotropy step at every 50, so this
+      median leaves it out (it adds about 0.03% there, see the breakdown).
+    - ``overhead (classes)``: the steps split into classes (non-logging, logging, isotropy),
+      each class's median step time weighted by its share of the steps, over the
+      baseline's median step: robust to stalls, and it keeps the isotropy's amortized cost.
+    - the median step time of each class.
+
+    The every-step target is a ratio of a fixed cost (the monitor's work per log, set by
+    the number and size of the tensors) to the step time (set by ``--batch``, ``--seq``
+    and the model): a larger batch lowers it, a smaller one raises it.
 
 The sync check (during warm-up)
     ``torch.Tensor.item``, ``tolist``, ``__bool__``, ``__float__`` and ``__int__`` are patched
@@ -57,7 +67,8 @@ The sync check (during warm-up)
     ``after_step``, ``embedding_stats``, ``to_floats`` (and the gates, on steps that do not
     log), or to the rest of the step. Printed: the monitor's reads on steps that do not log
     (must be 0), the reads of a whole non-logging step against the baseline's (the same:
-    the clipper's one), and the reads per logging step by phase (``to_floats`` reads once
+    the clipper's one device sync, plus lightning_optim's optimizers reading their CPU step
+    counters), and the reads per logging step by phase (``to_floats`` reads once
     per device; the statistics themselves none). With ``--device cuda``,
     ``torch.cuda.set_sync_debug_mode("warn")`` is also on around the monitor's code on
     every warm-up step, and the synchronizing-operation warnings are counted the same way
@@ -74,7 +85,7 @@ Cost breakdown
 Examples::
 
     python benchmarks/monitor.py                        # about 2-3 minutes on 2 CPU cores
-    python benchmarks/monitor.py --rounds 8 --json out.json
+    python benchmarks/monitor.py --batch 16 --rounds 40 --json out.json   # about 6 minutes
     python benchmarks/monitor.py --device cuda --width 256 --layers 4 --batch 32
 """
 
@@ -85,6 +96,7 @@ import contextlib
 import gc
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -107,6 +119,7 @@ from lightning_optim.stats import STATS, MomentStats
 # (label, every_n_steps, expensive_every_n_steps); None: no monitor.
 CONFIGS: list[tuple[str, int | None, int | None]] = [
     ("off", None, None),
+    ("off, again (A/A)", None, None),
     ("every 50", 50, 500),
     ("every 10", 10, 500),
     ("every step", 1, 10),
@@ -278,7 +291,7 @@ class Config:
     n_metrics: int = 0  # metrics of the last logging step
     samples: list[float] = field(default_factory=list)  # ms, every timed step
     kinds: list[str] = field(default_factory=list)  # "plain" | "log" | "isotropy", per sample
-    rounds: list[float] = field(default_factory=list)  # ms/step, block mean of each round
+    rounds: list[float] = field(default_factory=list)  # ms/step, window mean of each round
 
     def kind(self, step: int) -> str:
         if self.every is None or step % self.every:
@@ -349,7 +362,7 @@ def warm_up_and_check(configs: list[Config], batches: list[torch.Tensor], n: int
     return result
 
 
-def time_block(c: Config, batches: list[torch.Tensor], n: int, device: torch.device) -> None:
+def time_window(c: Config, batches: list[torch.Tensor], n: int, device: torch.device) -> None:
     """``n`` consecutive steps, each timed; appends to ``c.samples``/``c.kinds``/``c.rounds``."""
     ms: list[float] = []
     kinds: list[str] = []
@@ -428,7 +441,7 @@ def _iqr(values: list[float]) -> float:
     return q3 - q1
 
 
-def summarize(c: Config, base: Config, window: int) -> dict[str, Any]:
+def summarize(c: Config, base: Config) -> dict[str, Any]:
     ratios = [a / b for a, b in zip(c.rounds, base.rounds)]
     by_kind: dict[str, list[float]] = {}
     for ms, kind in zip(c.samples, c.kinds):
@@ -436,13 +449,12 @@ def summarize(c: Config, base: Config, window: int) -> dict[str, Any]:
     base_median = statistics.median(base.samples)
     # Each class's median, weighted by its share of the steps: robust to stalls, keeps the amortized cost.
     weighted = sum(statistics.median(v) * len(v) for v in by_kind.values()) / len(c.samples)
-    windows = [sum(c.samples[i:i + window]) / window for i in range(0, len(c.samples) - window + 1, window)]
     return {
         "label": c.label, "every_n_steps": c.every, "expensive_every_n_steps": c.expensive,
-        "ms_per_step": statistics.median(c.rounds),
+        "ms_per_step": statistics.fmean(c.samples),
         "overhead": statistics.median(ratios) - 1, "spread": _iqr(ratios),
         "overhead_classes": weighted / base_median - 1,
-        "window_ms": statistics.median(windows) if windows else float("nan"),
+        "window_ms": statistics.median(c.rounds),
         "median_ms": {k: statistics.median(v) for k, v in by_kind.items()},
         "count": {k: len(v) for k, v in by_kind.items()},
         "metrics_per_log": c.n_metrics,
@@ -454,7 +466,7 @@ def fmt_ms(d: dict, key: str) -> str:
     return f"{d[key]:.2f}" if key in d else "-"
 
 
-def report(args, device, n_params, n_tensors, configs, rows, check, costs, elapsed) -> None:
+def report(args, device, n_params, n_tensors, configs, rows, check, costs, elapsed, load) -> None:
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     base = rows[0]
     print(
@@ -464,12 +476,12 @@ def report(args, device, n_params, n_tensors, configs, rows, check, costs, elaps
         f"{args.optimizer}, clip norm 1.0"
     )
     print(
-        f"{args.rounds} interleaved rounds x {args.steps} steps per configuration after {args.warmup} warm-up steps "
-        f"| ms/step = median over rounds of the block mean | timed region {elapsed:.0f} s"
+        f"{args.rounds} interleaved rounds x a window of {args.steps} steps per configuration, after {args.warmup} "
+        f"warm-up steps | timed region {elapsed:.0f} s | load average before/after {load[0]:.2f} / {load[1]:.2f}"
     )
     print()
     header = ["monitor", "isotropy every", "ms/step", "overhead", "spread", "overhead (classes)",
-              f"window ({args.window})", "non-log step", "log step", "isotropy step", "metrics/log", "target"]
+              f"window ({args.steps})", "non-log step", "log step", "isotropy step", "metrics/log", "target"]
     print("| " + " | ".join(header) + " |")
     print("|---|---:|" + "|".join("---:" for _ in header[2:-1]) + "|---|")
     for r in rows:
@@ -482,15 +494,16 @@ def report(args, device, n_params, n_tensors, configs, rows, check, costs, elaps
         classes = "-" if r is base else f"{r['overhead_classes']:+.1%}"
         print("| " + " | ".join([
             r["label"], str(r["expensive_every_n_steps"] or "-"), f"{r['ms_per_step']:.2f}", over,
-            f"{r['spread']:.1%}" if r is not base else "-", classes, f"{r['window_ms']:.2f}",
+            f"{r['spread']:.1%}" if r is not base and not math.isnan(r["spread"]) else "-", classes, f"{r['window_ms']:.2f}",
             fmt_ms(r["median_ms"], "plain"), fmt_ms(r["median_ms"], "log"), fmt_ms(r["median_ms"], "isotropy"),
             str(r["metrics_per_log"] or "-"), verdict,
         ]) + " |")
     print()
-    print("ms/step, window: amortized (logging steps included). overhead: median over rounds of the "
-          "ratio to the baseline's block in the same round; spread: IQR of those ratios. "
-          "overhead (classes): median step time of each class (non-log, log, isotropy) weighted by its share, "
-          "over the baseline's median step. Step columns: median ms of the steps of that class.")
+    print("ms/step: mean of all timed steps (amortized). window: median over rounds of the window's mean. "
+          "overhead: median over rounds of the ratio to the baseline's window in the same round; spread: IQR "
+          "of those ratios. overhead (classes): median step time of each class (non-log, log, isotropy) "
+          "weighted by its share, over the baseline's median step. Step columns: median ms of that class. "
+          "target: judged on overhead.")
 
     print()
     print("Host reads (Tensor.item/tolist/__bool__/__float__/__int__ calls) during the warm-up steps:")
@@ -527,6 +540,9 @@ def report(args, device, n_params, n_tensors, configs, rows, check, costs, elaps
     bad = [c.label for c in configs if c.monitor is not None
            and sum(v for k, v in check[c.label]["reads"].get("plain", {}).items() if k != "step")]
     print()
+    print("rest: the step outside the monitor, the same in every configuration: the clipper's should_skip "
+          "(1 tolist, the step's one device sync) and, for lightning_optim optimizers, one tolist per param "
+          "group of the CPU step counters (no device sync).")
     print("monitor host reads on steps that do not log: " + (f"NOT 0 in {', '.join(bad)}" if bad else "0 (as required)"))
 
     if costs:
@@ -547,7 +563,7 @@ def report(args, device, n_params, n_tensors, configs, rows, check, costs, elaps
                 "width": args.width, "layers": args.layers, "heads": args.heads, "vocab": args.vocab,
                 "seq": args.seq, "batch": args.batch, "params": n_params, "tensors": n_tensors},
             "optimizer": args.optimizer, "lr": args.lr, "steps": args.steps, "rounds": args.rounds,
-            "warmup": args.warmup, "window": args.window, "elapsed_s": elapsed,
+            "warmup": args.warmup, "elapsed_s": elapsed, "load_average": load,
             "results": [{**r, "samples_ms": c.samples, "kinds": c.kinds} for r, c in zip(rows, configs)],
             "host_reads": check, "breakdown_ms": dict(costs),
         }
@@ -563,10 +579,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]")
-    ap.add_argument("--steps", type=int, default=500,
-                    help="consecutive timed steps per configuration per round (default 500: holds one isotropy "
-                         "step at every 50; use a multiple of 500 for that)")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    ap.add_argument("--steps", type=int, default=50,
+                    help="consecutive timed steps per configuration per round, the window (default 50)")
+    ap.add_argument("--rounds", type=int, default=24, help="interleaved rounds (default 24)")
     ap.add_argument("--warmup", type=int, default=100,
                     help="untimed steps per configuration first, with the host-read check (default 100)")
     ap.add_argument("--width", type=int, default=128, help="model width d (default 128)")
@@ -574,17 +589,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
     ap.add_argument("--vocab", type=int, default=2000, help="vocabulary (default 2000)")
     ap.add_argument("--seq", type=int, default=64, help="sequence length (default 64)")
-    ap.add_argument("--batch", type=int, default=4, help="sequences per batch (default 4)")
+    ap.add_argument("--batch", type=int, default=8, help="sequences per batch (default 8)")
     ap.add_argument("--optimizer", default="coupled_adam", help="registry name (default coupled_adam)")
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--window", type=int, default=50, help="steps per window for the window column (default 50)")
     ap.add_argument("--reps", type=int, default=30, help="calls per piece in the cost breakdown (default 30)")
     ap.add_argument("--no-breakdown", action="store_true", help="skip the cost breakdown")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", metavar="PATH", help="also write the results (every step's time) as JSON")
     args = ap.parse_args(argv)
-    for name in ("steps", "rounds", "width", "layers", "heads", "vocab", "seq", "batch", "window", "reps"):
+    for name in ("steps", "rounds", "width", "layers", "heads", "vocab", "seq", "batch", "reps"):
         if getattr(args, name) < 1:
             ap.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.warmup < 0:
@@ -614,6 +628,7 @@ def main(argv=None) -> int:
 
     check = warm_up_and_check(configs, batches, args.warmup, device)
 
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     gc.collect()
     gc.disable()
     t0 = time.perf_counter()
@@ -621,19 +636,19 @@ def main(argv=None) -> int:
         for r in range(args.rounds):
             k = r % len(configs)
             for c in configs[k:] + configs[:k]:
-                time_block(c, batches, args.steps, device)
+                time_window(c, batches, args.steps, device)
                 sync(device)
-            gc.collect()
     finally:
         gc.enable()
     elapsed = time.perf_counter() - t0
+    load = (load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"))
 
     for c in configs:
         if not all(bool(torch.isfinite(p).all()) for p in c.model.parameters()):
             print(f"warning: {c.label}: non-finite parameters", file=sys.stderr)
-    rows = [summarize(c, configs[0], args.window) for c in configs]
+    rows = [summarize(c, configs[0]) for c in configs]
     costs = [] if args.no_breakdown else breakdown(configs[-1], batches[0], args.reps, device)
-    report(args, device, n_params, n_tensors, configs, rows, check, costs, elapsed)
+    report(args, device, n_params, n_tensors, configs, rows, check, costs, elapsed, load)
     return 0
 
 

@@ -428,7 +428,13 @@ class MomentStats:
             mean = torch.stack(torch._foreach_norm(vh, 1)) / numel
             per["sqrt_v_mean"].update(zip(names, mean.unbind(0)))
         if "sqrt_v_max" in want:
-            per["sqrt_v_max"].update(zip(names, torch.stack(torch._foreach_norm(vh, math.inf)).unbind(0)))
+            # sqrt(v_hat) >= 0, so its max is its inf-norm; _foreach_max is ~10x faster on CPU
+            # (one reduction, no abs), but refuses empty tensors.
+            if all(t.numel() for t in vh):
+                peak = torch._foreach_max(vh)
+            else:
+                peak = torch._foreach_norm(vh, math.inf)
+            per["sqrt_v_max"].update(zip(names, torch.stack(peak).to(cd).unbind(0)))
         if "dead_fraction" in want:
             dead = torch.stack([torch.lt(s, it.eps).sum(dtype=cd) for s, it in zip(vh, items)]) / numel
             per["dead_fraction"].update(zip(names, dead.unbind(0)))
