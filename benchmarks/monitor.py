@@ -4,10 +4,10 @@ do not log never read a device value back to the host.
 A benchmark, not a test: it prints markdown tables and exits 0; nothing here asserts speed.
 
 The model
-    A tiny GPT written here (it stands in for the tiny GPT of the main job, which is not
-    built yet): token embedding ``wte`` (``--vocab`` x ``--width``) tied to the output head,
-    learned positions ``wpe``, ``--layers`` pre-LN blocks (LayerNorm, causal self-attention
-    through ``scaled_dot_product_attention``, LayerNorm, a 4x GELU MLP), a final LayerNorm.
+    The main job's :class:`lightning_optim.models.TinyGPT`: token embedding ``wte``
+    (``--vocab`` x ``--width``) tied to the output head, learned positions ``wpe``,
+    ``--layers`` pre-LN blocks, a final LayerNorm. ``--vocab 4096 --seq 128 --batch 32`` is
+    the main job's default shape; the smaller defaults keep the run near two minutes.
     The batch is ``--batch`` sequences of ``--seq`` random token ids (a fixed pool of
     batches drawn once from a seeded generator), next-token cross-entropy. The optimizer is
     ``--optimizer`` (default ``coupled_adam``, the main job's) over
@@ -97,7 +97,6 @@ import gc
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -110,9 +109,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common import cpu_name, sync
 from lightning_optim.callback import MomentMonitor
 from lightning_optim.clipping import GradientClipper
 from lightning_optim.loggers import to_floats
+from lightning_optim.models import TinyGPT
 from lightning_optim.registry import create_optimizer
 from lightning_optim.stats import STATS, MomentStats
 
@@ -130,46 +131,7 @@ TARGETS = {"every 50": 0.02, "every step": 0.15}
 # ----- the model ---------------------------------------------------------------------------------
 
 
-class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
-
-    def __init__(self, d: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln_1 = nn.LayerNorm(d)
-        self.c_attn = nn.Linear(d, 3 * d)
-        self.c_proj = nn.Linear(d, d)
-        self.ln_2 = nn.LayerNorm(d)
-        self.c_fc = nn.Linear(d, 4 * d)
-        self.mlp_proj = nn.Linear(4 * d, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, c = x.shape
-        q, k, v = self.c_attn(self.ln_1(x)).split(c, dim=2)
-        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.c_proj(y.transpose(1, 2).reshape(b, t, c))
-        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
-
-
-class TinyGPT(nn.Module):
-    """nanoGPT's layout at toy size; the output head is the token embedding (tied)."""
-
-    def __init__(self, vocab: int, width: int, layers: int, seq: int, heads: int) -> None:
-        super().__init__()
-        self.wte = nn.Embedding(vocab, width)
-        self.wpe = nn.Embedding(seq, width)
-        self.h = nn.ModuleList(Block(width, heads) for _ in range(layers))
-        self.ln_f = nn.LayerNorm(width)
-        self.lm_head = nn.Linear(width, vocab, bias=False)
-        self.lm_head.weight = self.wte.weight
-        self.register_buffer("pos", torch.arange(seq), persistent=False)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.wte(idx) + self.wpe(self.pos[: idx.shape[1]])
-        for block in self.h:
-            x = block(x)
-        return self.lm_head(self.ln_f(x))
+# The main job's model (lightning_optim.models.TinyGPT): the step the targets are about.
 
 
 # ----- counting host reads ----------------------------------------------------------------------
@@ -301,7 +263,7 @@ class Config:
 
 def build(label, every, expensive, args, device) -> Config:
     torch.manual_seed(args.seed)
-    model = TinyGPT(args.vocab, args.width, args.layers, args.seq, args.heads).to(device)
+    model = TinyGPT(args.vocab, args.width, args.layers, args.heads, args.seq).to(device)
     opt = create_optimizer({"name": args.optimizer, "lr": args.lr}, model)
     clipper = GradientClipper(mode="norm", max_norm=1.0)
     monitor = Monitor(model, opt, clipper, every, expensive) if every else None
@@ -331,9 +293,6 @@ def train_step(c: Config, tokens: torch.Tensor, counter: ReadCounter | None = No
     return c.kind(step)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def warm_up_and_check(configs: list[Config], batches: list[torch.Tensor], n: int, device: torch.device) -> dict:
@@ -423,15 +382,6 @@ def breakdown(c: Config, tokens: torch.Tensor, reps: int, device: torch.device) 
 # ----- report ------------------------------------------------------------------------------------
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _iqr(values: list[float]) -> float:

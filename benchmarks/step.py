@@ -72,7 +72,6 @@ import ctypes
 import gc
 import json
 import math
-import platform
 import resource
 import statistics
 import sys
@@ -83,6 +82,7 @@ from typing import Any
 
 import torch
 
+from common import cpu_name, sync
 from lightning_optim.registry import create_optimizer, optimizers, options
 
 GPT2_VOCAB = 50257
@@ -198,9 +198,6 @@ def min_bytes(opt: torch.optim.Optimizer, params) -> int:
 # ----- timing ------------------------------------------------------------------------------------
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def minor_faults() -> int:
@@ -275,15 +272,6 @@ def available_bytes(device: torch.device) -> int | None:
     return None
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def keep_freed_memory() -> str:

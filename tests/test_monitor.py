@@ -10,7 +10,6 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
-import lightning_optim as lo
 from lightning_optim.callback import MomentMonitor, OptimizerCallback
 from lightning_optim.stats import STATS
 from lightning_helpers import BareLM, TiedLM, data, trainer
