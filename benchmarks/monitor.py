@@ -109,7 +109,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import cpu_name, sync
+from common import cpu_name, pick_device, sync
 from lightning_optim.callback import MomentMonitor
 from lightning_optim.clipping import GradientClipper
 from lightning_optim.loggers import to_floats
@@ -560,11 +560,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print(f"--device {args.device}: CUDA is not available in this torch ({torch.__version__})", file=sys.stderr)
+    device = pick_device(args.device, args.threads)
+    if device is None:
         return 2
     gen = torch.Generator().manual_seed(args.seed + 1)
     batches = [torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=gen).to(device) for _ in range(16)]

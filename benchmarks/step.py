@@ -82,7 +82,7 @@ from typing import Any
 
 import torch
 
-from common import cpu_name, sync
+from common import cpu_name, pick_device, sync
 from lightning_optim.registry import create_optimizer, optimizers, options
 
 GPT2_VOCAB = 50257
@@ -330,11 +330,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.malloc = keep_freed_memory() if args.keep_freed_memory else "system default"
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print(f"--device {args.device}: CUDA is not available in this torch ({torch.__version__})", file=sys.stderr)
+    device = pick_device(args.device, args.threads)
+    if device is None:
         return 2
     dtype = DTYPES[args.dtype]
     vocab = args.vocab or round(GPT2_VOCAB * args.width / GPT2_WIDTH)

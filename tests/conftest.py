@@ -22,3 +22,15 @@ def assert_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: s
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+def load_recipe(name: str):
+    """Import ``recipes/<name>/run.py`` (recipes are scripts, not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / name / "run.py"
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

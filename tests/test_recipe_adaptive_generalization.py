@@ -1,21 +1,15 @@
 """Smoke and qualitative test of recipes/adaptive_generalization (Wilson et al. 2017, Sec. 3.3)."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 
 import lightning_optim as lo
-
-_PATH = Path(__file__).resolve().parents[1] / "recipes" / "adaptive_generalization" / "run.py"
+from conftest import load_recipe
 
 
 @pytest.fixture(scope="module")
 def recipe():
-    spec = importlib.util.spec_from_file_location("recipe_adaptive_generalization", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_recipe("adaptive_generalization")
 
 
 def test_smoke_all_optimizers_table(recipe, capsys, tmp_path):

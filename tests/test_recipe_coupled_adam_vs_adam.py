@@ -1,12 +1,11 @@
 """Smoke test of recipes/coupled_adam_vs_adam: two 3-step runs of a shrunken main job (small
 corpus in a temporary cache, small model), then the table from their checkpoints."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "recipes" / "coupled_adam_vs_adam" / "run.py"
+from conftest import load_recipe
+
 SMALL_JOB = ["data.max_bytes=250000", "data.vocab_size=512", "data.batch_size=8", "data.val_batches=2",
              "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.seq_len=32",
              "trainer.val_check_interval=3", "monitor.every_n_steps=1", "monitor.expensive_every_n_steps=3"]
@@ -14,10 +13,7 @@ SMALL_JOB = ["data.max_bytes=250000", "data.vocab_size=512", "data.batch_size=8"
 
 @pytest.fixture(scope="module")
 def recipe():
-    spec = importlib.util.spec_from_file_location("recipe_coupled_adam_vs_adam", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_recipe("coupled_adam_vs_adam")
 
 
 def test_smoke_two_optimizers_table(recipe, capsys, tmp_path, monkeypatch):

@@ -1,23 +1,17 @@
 """Smoke test of recipes/optimizer_zoo: every registry optimizer, 3 steps of a small TinyGPT on a
 small corpus (temporary cache) and 5 steps of the convex problem; one PNG and the table."""
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import lightning_optim as lo
-
-_PATH = Path(__file__).resolve().parents[1] / "recipes" / "optimizer_zoo" / "run.py"
+from conftest import load_recipe
 
 
 @pytest.fixture(scope="module")
 def recipe():
-    spec = importlib.util.spec_from_file_location("recipe_optimizer_zoo", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_recipe("optimizer_zoo")
 
 
 def test_smoke_every_optimizer_plot_and_table(recipe, capsys, tmp_path, monkeypatch):
