@@ -32,6 +32,11 @@ skips in a row the next non-finite step raises, since training has then diverged
 hit one bad batch. Under fp16 AMP, the GradScaler's own overflow steps (the unscaled grads
 are inf) are counted here as well.
 
+Sharded gradients (FSDP2's ``Shard(0)`` DTensors) are clipped through their local shards,
+by the norm of the whole tensor: each rank's per-tensor norms are combined across ranks in
+one all-reduce (:func:`lightning_optim.sharding.global_norms_`), so every rank computes the
+same coefficient, and a NaN on one rank makes every rank skip the step.
+
 Per-tensor norms are computed once (one ``torch._foreach_norm`` per device and dtype) and
 combined into the total, each group's and each clipping set's norm, in the order
 ``clip_grad_norm_`` combines them, so that ``report.total_norm`` equals torch's bit for bit.
@@ -48,6 +53,7 @@ import torch
 from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype, _has_foreach_support
 
+from . import sharding
 from .validation import boolean, choice, invalid, positive, suggest
 
 __all__ = ["ClipReport", "GradientClipper", "NonFiniteGradientError"]
@@ -108,7 +114,7 @@ class GradientClipper:
         max_consecutive_skips: int = 10,
     ) -> None:
         self.mode = choice(OWNER, "mode", mode, MODES)
-        self.norm_type = positive(OWNER, "norm_type", norm_type)  # rejects NaN, accepts inf
+        self.norm_type = positive(OWNER, "norm_type", norm_type, allow_inf=True)  # rejects NaN, accepts inf
         self.max_norm = None if max_norm is None else positive(OWNER, "max_norm", max_norm)
         self.max_value = None if max_value is None else positive(OWNER, "max_value", max_value)
         if per_group is not None and not isinstance(per_group, Mapping):
@@ -156,9 +162,12 @@ class GradientClipper:
     @torch.no_grad()
     def clip_(self, optimizer: torch.optim.Optimizer) -> ClipReport:
         """Clip ``optimizer``'s gradients in place and report the pre-clip norms. No host sync."""
-        names, members, grads = self._collect(optimizer)
+        names, members, sharded = self._collect(optimizer)
+        # Sharded (DTensor) grads are clipped through their local shards, by global norms.
+        grads = [sharding.local(g) for g in sharded]
         device = grads[0].device if grads else torch.device("cpu")
         norms = _tensor_norms(grads, self.norm_type)
+        sharding.global_norms_(sharded, norms, self.norm_type)
         total = _combine(grads, norms, list(range(len(grads))), self.norm_type, device)
         group_norms = {n: _combine(grads, norms, members[n], self.norm_type, device) for n in names}
         finite = torch.isfinite(total)
@@ -168,7 +177,11 @@ class GradientClipper:
         if self.mode == "none":
             return ClipReport(total_norm=total, group_norms=group_norms, clipped=clipped, finite=finite)
         if self.mode == "value":  # max|g| says whether a clamp changes a grad: the inf-norm
-            max_abs = norms if math.isinf(self.norm_type) else _tensor_norms(grads, math.inf)
+            if math.isinf(self.norm_type):
+                max_abs = norms
+            else:
+                max_abs = _tensor_norms(grads, math.inf)
+                sharding.global_norms_(sharded, max_abs, math.inf)
         for set_names, threshold in self._clipping_sets(names):
             idx = [i for n in set_names for i in members[n]]
             if not idx:

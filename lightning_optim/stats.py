@@ -93,6 +93,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import sharding
 from .validation import at_least, choice, invalid
 
 __all__ = ["STATS", "EMBEDDING_STATS", "MomentStats", "embedding_geometry"]
@@ -137,6 +138,15 @@ def _subsample(t: Tensor, k: int) -> Tensor:
     return flat[:: n // k][:k]
 
 
+def _global(whole: list[Tensor], values: Tensor | list[Tensor], p: float) -> Tensor:
+    """Per-tensor reductions of local shards (p-norms; p=1 for sums of nonnegative values,
+    inf for maxima) -> the reductions of the whole tensors, stacked: see
+    :func:`lightning_optim.sharding.global_norms_`. Plain tensors come back unchanged."""
+    values = list(values.unbind(0)) if isinstance(values, Tensor) else list(values)
+    sharding.global_norms_(whole, values, p)
+    return torch.stack(values)
+
+
 def _chunks(items: list, size: Any) -> Iterator[list]:
     """Split ``items`` into runs whose ``size(item)`` sum to at most _CHUNK_ELEMENTS."""
     run, total = [], 0
@@ -154,20 +164,25 @@ def _chunks(items: list, size: Any) -> Iterator[list]:
 class _Item:
     """One tracked tensor at one call: its param, group and the state tensors we read."""
 
-    __slots__ = ("name", "param", "group", "m", "v", "m_corrected", "v_corrected", "step",
-                 "eps", "scale", "c1", "c2")
+    __slots__ = ("name", "param", "group", "m", "v", "whole_param", "whole_m", "whole_v",
+                 "m_corrected", "v_corrected", "step", "eps", "scale", "c1", "c2")
 
     def __init__(self, name: str, param: Tensor, group: dict, state: Mapping) -> None:
-        self.name, self.param, self.group = name, param, group
-        self.v = next((t for t in (_tensor(state.get(k)) for k in _V_KEYS) if t is not None), None)
-        self.m = _tensor(state.get("exp_avg"))
-        if self.m is None and self.v is None:
-            self.m = _tensor(state.get("momentum_buffer"))  # SGD: the gradient's EMA
+        self.name, self.group = name, group
+        v = next((t for t in (_tensor(state.get(k)) for k in _V_KEYS) if t is not None), None)
+        m = _tensor(state.get("exp_avg"))
+        if m is None and v is None:
+            m = _tensor(state.get("momentum_buffer"))  # SGD: the gradient's EMA
+        # Reductions run on the local shards of sharded tensors; ``whole_*`` finish them.
+        self.whole_param, self.whole_m, self.whole_v = param, m, v
+        self.param = sharding.local(param)
+        self.m = None if m is None else sharding.local(m)
+        self.v = None if v is None else sharding.local(v)
         has_adam_v = _tensor(state.get("exp_avg_sq")) is not None
         corrected = has_adam_v and "betas" in group and bool(group.get("bias_correction", True))
         step = state.get("step")
         corrected = corrected and step is not None
-        self.m_corrected = corrected and self.m is not None and self.m is state.get("exp_avg")
+        self.m_corrected = corrected and m is not None and m is state.get("exp_avg")
         self.v_corrected = corrected and self.v is not None
         self.step = step
         self.eps = float(group.get("eps", 1e-8))
@@ -302,10 +317,10 @@ class MomentStats:
             return
         for (_, dtype), bucket in self._buckets(tracked, lambda t: t[1]).items():
             cd = _compute_dtype(dtype)
-            params = [p.detach() for _, p, _ in bucket]
+            params = [sharding.local(p.detach()) for _, p, _ in bucket]
             copies = [torch.empty_like(p, dtype=cd) for p in params]
             torch._foreach_copy_(copies, params)
-            norms = torch.stack(torch._foreach_norm(params, 2, dtype=cd)).unbind(0)
+            norms = _global([p for _, p, _ in bucket], torch._foreach_norm(params, 2, dtype=cd), 2).unbind(0)
             for (name, _, _), copy, norm in zip(bucket, copies, norms):
                 self._snapshots[name] = (copy, norm)
 
@@ -314,8 +329,8 @@ class MomentStats:
         with_grad = [(n, p.grad) for n, p, _ in tracked if p.grad is not None and not p.grad.is_sparse]
         out: dict[str, Tensor] = {}
         for (_, dtype), bucket in MomentStats._buckets(with_grad, lambda t: t[1]).items():
-            norms = torch._foreach_norm([g.detach() for _, g in bucket], 2, dtype=_compute_dtype(dtype))
-            out.update(zip((n for n, _ in bucket), torch.stack(norms).unbind(0)))
+            norms = torch._foreach_norm([sharding.local(g.detach()) for _, g in bucket], 2, dtype=_compute_dtype(dtype))
+            out.update(zip((n for n, _ in bucket), _global([g for _, g in bucket], norms, 2).unbind(0)))
         return out
 
     @torch.no_grad()
@@ -338,18 +353,19 @@ class MomentStats:
             cd = _compute_dtype(dtype)
             params = [it.param.detach() for it in bucket]
             if "param_norm" in want:
-                norms = torch.stack(torch._foreach_norm(params, 2, dtype=cd)).unbind(0)
+                norms = _global([it.whole_param for it in bucket], torch._foreach_norm(params, 2, dtype=cd), 2).unbind(0)
                 per["param_norm"].update(zip((it.name for it in bucket), norms))
             snap = [it for it in bucket if it.name in snapshots]
             if "update_ratio" in want and snap:
                 before = [snapshots[it.name][0] for it in snap]
                 torch._foreach_sub_(before, [it.param.detach() for it in snap])  # p_before - p_after
-                moved = torch.stack(torch._foreach_norm(before, 2))
+                moved = _global([it.whole_param for it in snap], torch._foreach_norm(before, 2), 2)
                 start = torch.stack([snapshots[it.name][1] for it in snap])
                 # A tensor that starts at zero (a LayerNorm bias) has no relative change on its
                 # first step: measure it against where it ended instead; 0 if it stayed at 0.
-                after = torch.stack(torch._foreach_norm(params if len(snap) == len(bucket) else
-                                                        [it.param.detach() for it in snap], 2, dtype=cd))
+                after = _global([it.whole_param for it in snap],
+                                torch._foreach_norm(params if len(snap) == len(bucket) else
+                                                    [it.param.detach() for it in snap], 2, dtype=cd), 2)
                 denom = torch.where(start > 0, start, after)
                 ratio = torch.where(denom > 0, moved / denom.clamp_min(torch.finfo(denom.dtype).tiny), torch.zeros_like(moved))
                 per["update_ratio"].update(zip((it.name for it in snap), ratio.unbind(0)))
@@ -396,7 +412,7 @@ class MomentStats:
     def _m_stats(items: list[_Item], cd: torch.dtype, want: set, per: dict) -> None:
         if not items or "exp_avg_norm" not in want:
             return
-        norms = torch.stack(torch._foreach_norm([it.m.detach() for it in items], 2, dtype=cd))
+        norms = _global([it.whole_m for it in items], torch._foreach_norm([it.m.detach() for it in items], 2, dtype=cd), 2)
         norms = norms * torch.stack([it.c1 for it in items])
         per["exp_avg_norm"].update(zip((it.name for it in items), norms.unbind(0)))
 
@@ -410,22 +426,23 @@ class MomentStats:
         if not (want & {*_V_STATS, "snr"}):
             return
         names = [it.name for it in items]
-        numel = _host_vector([it.v.numel() for it in items], device, cd)
+        whole_v = [it.whole_v for it in items]
+        numel = _host_vector([it.whole_v.numel() for it in items], device, cd)
         vh = self._v_hat(items, cd)
 
         if "v_log_ratio" in want:
-            mean = torch.stack(torch._foreach_norm(vh, 1)) / numel  # v >= 0: L1 = sum
+            mean = _global(whole_v, torch._foreach_norm(vh, 1), 1) / numel  # v >= 0: L1 = sum
             for name, m in zip(names, mean.unbind(0)):
                 prev = self._prev_mean.get(name)
                 if prev is not None and prev.device == m.device:
                     per["v_log_ratio"][name] = torch.log(m / prev)
                 self._prev_mean[name] = m
         if "v_drift" in want:
-            self._drift(names, vh, per["v_drift"])
+            self._drift(names, whole_v, vh, per["v_drift"])
 
         torch._foreach_sqrt_(vh)  # vh is now sqrt(v_hat)
         if "sqrt_v_mean" in want:
-            mean = torch.stack(torch._foreach_norm(vh, 1)) / numel
+            mean = _global(whole_v, torch._foreach_norm(vh, 1), 1) / numel
             per["sqrt_v_mean"].update(zip(names, mean.unbind(0)))
         if "sqrt_v_max" in want:
             # sqrt(v_hat) >= 0, so its max is its inf-norm; _foreach_max is ~10x faster on CPU
@@ -434,9 +451,9 @@ class MomentStats:
                 peak = torch._foreach_max(vh)
             else:
                 peak = torch._foreach_norm(vh, math.inf)
-            per["sqrt_v_max"].update(zip(names, torch.stack(peak).to(cd).unbind(0)))
+            per["sqrt_v_max"].update(zip(names, _global(whole_v, [t.to(cd) for t in peak], math.inf).unbind(0)))
         if "dead_fraction" in want:
-            dead = torch.stack([torch.lt(s, it.eps).sum(dtype=cd) for s, it in zip(vh, items)]) / numel
+            dead = _global(whole_v, [torch.lt(s, it.eps).sum(dtype=cd) for s, it in zip(vh, items)], 1) / numel
             per["dead_fraction"].update(zip(names, dead.unbind(0)))
 
         pairs = [(it, s) for it, s in zip(items, vh) if it.m is not None]
@@ -446,26 +463,27 @@ class MomentStats:
                 torch._foreach_mul_(den, [math.sqrt(it.scale) for it, _ in pairs])
             torch._foreach_add_(den, [it.eps for it, _ in pairs])  # sqrt(c v_hat) + eps
             ratio = torch._foreach_div([_to(it.m, cd) for it, _ in pairs], den)  # broadcasts a coupled row
-            total = torch.stack(torch._foreach_norm(ratio, 1))
+            total = _global([it.whole_m for it, _ in pairs], torch._foreach_norm(ratio, 1), 1)
             del ratio
-            m_numel = _host_vector([it.m.numel() for it, _ in pairs], device, cd)
+            m_numel = _host_vector([it.whole_m.numel() for it, _ in pairs], device, cd)
             snr = total / m_numel * torch.stack([it.c1 for it, _ in pairs])
             per["snr"].update(zip((it.name for it, _ in pairs), snr.unbind(0)))
 
-    def _drift(self, names: list[str], vh: list[Tensor], out: dict[str, Tensor]) -> None:
+    def _drift(self, names: list[str], whole: list[Tensor], vh: list[Tensor], out: dict[str, Tensor]) -> None:
         k = self.drift_max_elements
         current = [_subsample(v, k) for v in vh]
-        old = [(n, c) for n, c in zip(names, current)
+        old = [(n, c, w) for n, c, w in zip(names, current, whole)
                if (p := self._prev_v.get(n)) is not None and p.shape == c.shape
                and p.device == c.device and p.dtype == c.dtype]
         if old:
-            prev = [self._prev_v[n] for n, _ in old]
-            cur = [c for _, c in old]
-            moved = torch.stack(torch._foreach_norm(torch._foreach_sub(cur, prev), 2))
-            drift = moved / torch.stack(torch._foreach_norm(prev, 2))
-            out.update(zip((n for n, _ in old), drift.unbind(0)))
+            prev = [self._prev_v[n] for n, _, _ in old]
+            cur = [c for _, c, _ in old]
+            shards = [w for _, _, w in old]  # a sharded v: the subsamples of all shards together
+            moved = _global(shards, torch._foreach_norm(torch._foreach_sub(cur, prev), 2), 2)
+            drift = moved / _global(shards, torch._foreach_norm(prev, 2), 2)
+            out.update(zip((n for n, _, _ in old), drift.unbind(0)))
             torch._foreach_copy_(prev, cur)  # the reference buffers are reused: no new memory
-        known = {n for n, _ in old}
+        known = {n for n, _, _ in old}
         for n, c in zip(names, current):
             if n not in known:
                 self._prev_v[n] = c.clone(memory_format=torch.contiguous_format)
@@ -528,17 +546,23 @@ class MomentStats:
 
 def embedding_geometry(e: Tensor, *, isotropy: bool = True) -> dict[str, Tensor]:
     """``mean_norm``, ``mean_ratio`` and (optionally) ``isotropy`` of ``e`` (V x H), as 0-d
-    tensors on its device: see the module docstring."""
+    tensors on its device: see the module docstring.
+
+    Every quantity is a sum over the rows (of e_i, of ||e_i||, of e_i e_i^T, of exp(c^T e_i)),
+    so a row-sharded ``e`` (FSDP2 ``Shard(0)``) gives the global values: each rank sums its
+    rows and :class:`lightning_optim.sharding.Rows` adds the shards (a collective: call it on
+    every rank)."""
+    rows = sharding.Rows(e)
     cd = _compute_dtype(e.dtype)
-    x = _to(e, cd)
-    mu = x.mean(0)
+    x = _to(rows.local, cd)
+    mu = rows.sum_(x.sum(0)) / rows.count
     mean_norm = torch.linalg.vector_norm(mu)
-    out = {"mean_norm": mean_norm,
-           "mean_ratio": mean_norm / torch.linalg.vector_norm(x, dim=1).mean()}
+    mean_row_norm = rows.sum_(torch.linalg.vector_norm(x, dim=1).sum()) / rows.count
+    out = {"mean_norm": mean_norm, "mean_ratio": mean_norm / mean_row_norm}
     if isotropy:
         wd = torch.float32 if x.device.type == "mps" else torch.float64
-        gram = (x.T @ x).to(wd)
+        gram = rows.sum_((x.T @ x).to(wd))
         _, vectors = torch.linalg.eigh(gram)  # columns: eigenvectors of E^T E
-        log_z = torch.logsumexp(x @ vectors.to(cd), dim=0)  # log Z(c) for each eigenvector c
+        log_z = rows.logsumexp(torch.logsumexp(x @ vectors.to(cd), dim=0))  # log Z(c) per eigenvector c
         out["isotropy"] = torch.exp(log_z.min() - log_z.max())
     return out

@@ -108,7 +108,7 @@ def rmsprop(P, G, S, T, h, owned):
         torch._foreach_addcdiv_(P, G, avg, -h["lr"])
 
 
-def _adam(P, G, S, T, h, owned, *, coupled):
+def _adam(P, G, S, T, h, owned, *, coupled, row_mean=None):
     decoupled = h["decoupled_weight_decay"]
     G = _grad(P, G, h, l2=not decoupled, owned=owned)
     if decoupled:
@@ -119,8 +119,11 @@ def _adam(P, G, S, T, h, owned, *, coupled):
     torch._foreach_lerp_(M, G, 1 - beta1)
     # 2. Coupled: the row means of g^2 are small (one row each), a per-tensor loop is cheap.
     if coupled:
+        rows = [g.square().sum(0, keepdim=True) for g in G]
+        rows = [row_mean(i, r) for i, r in enumerate(rows)] if row_mean is not None else \
+            [r.div_(g.shape[0]) for r, g in zip(rows, G)]
         torch._foreach_mul_(V, beta2)
-        torch._foreach_add_(V, [g.square().mean(0, keepdim=True) for g in G], alpha=1 - beta2)
+        torch._foreach_add_(V, rows, alpha=1 - beta2)
     else:
         torch._foreach_mul_(V, beta2)
         torch._foreach_addcmul_(V, G, G, 1 - beta2)
@@ -156,8 +159,8 @@ def adam(P, G, S, T, h, owned):
     _adam(P, G, S, T, h, owned, coupled=False)
 
 
-def coupled_adam(P, G, S, T, h, owned):
-    _adam(P, G, S, T, h, owned, coupled=True)
+def coupled_adam(P, G, S, T, h, owned, row_mean=None):
+    _adam(P, G, S, T, h, owned, coupled=True, row_mean=row_mean)
 
 
 def nadam(P, G, S, T, h, owned):
@@ -263,16 +266,18 @@ RULES: dict[str, ForeachRule] = {
 }
 
 
-def run(rule: str, params, grads, state, steps, group) -> None:
+def run(rule: str, params, grads, state, steps, group, row_mean=None) -> None:
     """Apply ``rule`` to one (device, dtype) bucket with multi-tensor ops.
 
     Low-precision buckets are upcast to fp32 lists once, updated, and copied back once,
     which keeps the math fp32 and lets the rule modify the grad copies in place.
+    ``row_mean`` is the reference's: it finishes ``coupled_adam``'s mean over dim 0.
     """
     fn = RULES[rule]
+    extra = {"row_mean": row_mean} if rule == "coupled_adam" and row_mean is not None else {}
     if params[0].dtype in (torch.float32, torch.float64):
-        fn(params, grads, state, steps, group, False)
+        fn(params, grads, state, steps, group, False, **extra)
         return
     work = [p.float() for p in params]
-    fn(work, [g.float() for g in grads], state, steps, group, True)
+    fn(work, [g.float() for g in grads], state, steps, group, True, **extra)
     torch._foreach_copy_(params, work)

@@ -26,6 +26,11 @@ import torch
 from torch import Tensor
 
 Rule = Callable[[Tensor, Tensor, dict[str, Tensor], float, dict], None]
+# Finishes the coupled second moment's mean over dim 0 from the sum over the rows held here:
+# ``row_mean(local_row_sum) -> mean`` (see :mod:`lightning_optim.sharding`).
+RowMean = Callable[[Tensor], Tensor]
+# The same per bucket, given the tensor's index in the bucket: what every backend's ``run`` takes.
+BucketRowMean = Callable[[int, Tensor], Tensor]
 
 
 def _grad(p: Tensor, g: Tensor, h: dict, *, l2: bool) -> Tensor:
@@ -93,7 +98,8 @@ def rmsprop(p: Tensor, g: Tensor, s: dict[str, Tensor], t: float, h: dict) -> No
         p.addcdiv_(g, avg, value=-h["lr"])
 
 
-def _adam(p: Tensor, g: Tensor, s: dict[str, Tensor], t: float, h: dict, *, coupled: bool) -> None:
+def _adam(p: Tensor, g: Tensor, s: dict[str, Tensor], t: float, h: dict, *, coupled: bool,
+          row_mean: RowMean | None = None) -> None:
     decoupled = h["decoupled_weight_decay"]
     g = _grad(p, g, h, l2=not decoupled)
     if decoupled:
@@ -104,9 +110,13 @@ def _adam(p: Tensor, g: Tensor, s: dict[str, Tensor], t: float, h: dict, *, coup
     m.lerp_(g, 1 - beta1)
     # 2. v = beta2 * v + (1 - beta2) * g^2. Coupled: v has one row, the EMA of the mean of
     #    g^2 over dim 0 (the vocabulary); the mean commutes with the EMA, so this equals the
-    #    paper's row-average of a full second moment.
+    #    paper's row-average of a full second moment. The mean is a sum over the rows held
+    #    here, finished by ``row_mean``: for a row-sharded DTensor the rows are spread over
+    #    ranks, and the hook all-reduces the sum and divides by the global vocabulary size.
     if coupled:
-        v.mul_(beta2).add_(g.square().mean(0, keepdim=True), alpha=1 - beta2)
+        row = g.square().sum(0, keepdim=True)
+        row = row_mean(row) if row_mean is not None else row.div_(g.shape[0])
+        v.mul_(beta2).add_(row, alpha=1 - beta2)
     else:
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     # 3. AMSGrad keeps the running maximum of v and divides by that instead.
@@ -130,8 +140,9 @@ def adam(p: Tensor, g: Tensor, s: dict[str, Tensor], t: float, h: dict) -> None:
     _adam(p, g, s, t, h, coupled=False)
 
 
-def coupled_adam(p: Tensor, g: Tensor, s: dict[str, Tensor], t: float, h: dict) -> None:
-    _adam(p, g, s, t, h, coupled=True)
+def coupled_adam(p: Tensor, g: Tensor, s: dict[str, Tensor], t: float, h: dict,
+                 row_mean: RowMean | None = None) -> None:
+    _adam(p, g, s, t, h, coupled=True, row_mean=row_mean)
 
 
 def nadam(p: Tensor, g: Tensor, s: dict[str, Tensor], t: float, h: dict) -> None:
@@ -224,16 +235,22 @@ RULES: dict[str, Rule] = {
 }
 
 
-def run(rule: str, params, grads, state, steps, group) -> None:
+def run(rule: str, params, grads, state, steps, group, row_mean: BucketRowMean | None = None) -> None:
     """Apply ``rule`` to one (device, dtype) bucket, one tensor at a time.
 
     Low-precision params are updated in an fp32 copy and rounded back once, so the math
     is fp32 whatever the storage; their state is kept in fp32 by the optimizer.
+    ``row_mean(i, local_row_sum)``, for ``coupled_adam`` only, finishes the mean over dim 0
+    of tensor ``i``; None means all its rows are here.
     """
     fn = RULES[rule]
     for i, p in enumerate(params):
         work = p if p.dtype in (torch.float32, torch.float64) else p.float()
         g = grads[i].to(work.dtype)
-        fn(work, g, {k: v[i] for k, v in state.items()}, steps[i], group)
+        s = {k: v[i] for k, v in state.items()}
+        if rule == "coupled_adam" and row_mean is not None:
+            fn(work, g, s, steps[i], group, row_mean=lambda row, i=i: row_mean(i, row))
+        else:
+            fn(work, g, s, steps[i], group)
         if work is not p:
             p.copy_(work)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import backends
+from .. import backends, sharding
 from ..validation import LightningOptimWarning, at_least, boolean
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -126,7 +126,7 @@ class Optimizer(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             keys = self._state_keys(group)
-            buckets: dict[tuple, tuple[list, list, dict[str, list], list]] = {}
+            buckets: dict[tuple, tuple[list, list, dict[str, list], list, list]] = {}
             for i, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
@@ -142,17 +142,21 @@ class Optimizer(torch.optim.Optimizer):
                     state["step"] = scalar()
                 bucket = buckets.get((p.device, p.dtype))
                 if bucket is None:
-                    bucket = buckets[(p.device, p.dtype)] = ([], [], {k: [] for k in keys}, [])
-                bucket[0].append(p)
-                bucket[1].append(g)
+                    bucket = buckets[(p.device, p.dtype)] = ([], [], {k: [] for k in keys}, [], [])
+                # Sharded (DTensor) params are updated through their local shards: the rules
+                # are elementwise, and the one that is not gets the ``row_mean`` hook below.
+                bucket[0].append(sharding.local(p))
+                bucket[1].append(sharding.local(g))
                 for k in keys:
-                    bucket[2][k].append(state[k])
+                    bucket[2][k].append(sharding.local(state[k]))
                 bucket[3].append(state["step"])
+                bucket[4].append(p)
             rule = self._rule(group)
-            for params, grads, state_lists, step_tensors in buckets.values():
+            for params, grads, state_lists, step_tensors, originals in buckets.values():
                 torch._foreach_add_(step_tensors, 1.0)
                 steps = torch.stack(step_tensors).tolist()
-                self._run(rule, params, grads, state_lists, steps, group)
+                hook = sharding.row_mean(originals) if rule == "coupled_adam" else None
+                self._run(rule, params, grads, state_lists, steps, group, row_mean=hook)
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -6,7 +6,8 @@ from typing import Any
 
 from ..validation import ConfigurationError, boolean, positive
 from .adam import AdamW
-from .base import Optimizer, zeros
+from .. import sharding
+from .base import Optimizer, state_dtype
 
 
 class CoupledAdam(AdamW):
@@ -94,7 +95,7 @@ class CoupledAdam(AdamW):
     def _init_state(self, p, group):
         state = super()._init_state(p, group)
         if group["coupled"]:
-            row = zeros(p[:1])
+            row = sharding.row_state(p, state_dtype(p))
             state["exp_avg_sq"] = row
             if group["amsgrad"]:
                 state["max_exp_avg_sq"] = row.clone()
