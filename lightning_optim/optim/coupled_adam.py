@@ -30,6 +30,11 @@ class CoupledAdam(AdamW):
     second moment; because the mean over rows commutes with the EMA, keeping only
     :math:`\bar v` is exactly that, in H instead of V x H floats.
 
+    Under FSDP2 (a ``DTensor`` sharded ``Shard(0)``, each rank holding a block of rows) the
+    mean is over the global vocabulary: each rank sums :math:`g^2` over its rows, one
+    all-reduce of the H-vector adds the shards, and the sum is divided by the global V
+    (:func:`lightning_optim.sharding.row_mean`); :math:`\bar v` is a replicated DTensor.
+
     Groups without ``coupled=True`` are plain AdamW. :func:`lightning_optim.param_groups`
     puts embeddings (and tied output heads) in a coupled group.
 
