@@ -46,6 +46,9 @@ def test_sharded_coupled_adam_equals_unsharded(tmp_path):
         # A NaN in rank 1's shard only: both ranks skip step 4, and only that one.
         assert r["skipped"] == [False, False, False, True, False, False]
         assert r["skipped_steps"] == 1
+        # torch.distributed.checkpoint (ModelParallelStrategy's format) restores the sharded
+        # state exactly: DTensor moments, the replicated coupled row, the CPU step counts.
+        assert r["dcp_roundtrip"] == []
     assert sorted(r["local_rows"] for r in ranks) == [18, 19]
 
 

@@ -45,6 +45,27 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) if a.numel() else 0.0
 
 
+def dcp_roundtrip(model: nn.Module, opt: torch.optim.Optimizer, where: Path) -> list[str]:
+    """Save the optimizer with torch.distributed.checkpoint (what ModelParallelStrategy does),
+    load it into a fresh optimizer; return the state entries that differ (none, we expect)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    opt.zero_grad(set_to_none=True)
+    dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=str(where))
+    fresh = lo.CoupledAdam(lo.param_groups(model), lr=3e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    loaded = {"optim": get_optimizer_state_dict(model, fresh)}
+    dcp.load(loaded, checkpoint_id=str(where))
+    set_optimizer_state_dict(model, fresh, loaded["optim"])
+    bad = []
+    for name, p in model.named_parameters():
+        for key, value in opt.state[p].items():
+            other = fresh.state[p].get(key)
+            if other is None or type(other) is not type(value) or not torch.equal(full(other), full(value)):
+                bad.append(f"{name}.{key}")
+    return bad
+
+
 def main(rank: int, world: int, port: int, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -111,6 +132,7 @@ def main(rank: int, world: int, port: int, out: str) -> None:
     for (name, p), q in zip(sharded.named_parameters(), reference.parameters()):
         worst["params"] = max(worst["params"], rel(full(p.detach()), q.detach()))
     coupled_row = opt_s.state[sharded.embed.weight]["exp_avg_sq"]
+    roundtrip = dcp_roundtrip(sharded, opt_s, Path(out, "dcp"))
     result = {
         "worst": worst, "skipped": skipped, "placements": placements,
         "coupled_row": {"dtensor": is_dtensor(coupled_row), "placements": str(coupled_row.placements),
@@ -118,6 +140,7 @@ def main(rank: int, world: int, port: int, out: str) -> None:
                         "rel": rel(full(coupled_row), opt_r.state[reference.embed.weight]["exp_avg_sq"])},
         "local_rows": local(sharded.embed.weight).shape[0],
         "skipped_steps": clip_s.skipped_steps,
+        "dcp_roundtrip": roundtrip,
     }
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
