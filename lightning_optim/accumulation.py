@@ -54,7 +54,11 @@ class AccumulationSchedule:
             v = _int(value, f"schedule[{key!r}]")
             if v < 1:
                 raise invalid(OWNER, f"schedule[{key!r}]", value, "must be an int >= 1 (micro-batches per step)")
+            if parsed and k <= last:  # {0: 1, 1000: 8, 200: 4}: most likely a typo
+                raise invalid(OWNER, "schedule", schedule,
+                              f"keys must increase, but {key!r} comes after {last_key!r}")
             parsed[k] = v
+            last, last_key = k, key
         parsed.setdefault(0, 1)
         self.points = dict(sorted(parsed.items()))
 
@@ -134,8 +138,11 @@ class Accumulator:
 def _int(value: Any, field: str) -> int:
     if isinstance(value, bool):
         raise invalid(OWNER, field, value, "must be an int")
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)  # YAML/CLI keys may arrive as strings
+    if isinstance(value, str):  # YAML/CLI keys may arrive as strings
+        try:
+            return int(value.strip())
+        except ValueError:  # also '²', which str.isdigit() accepts and int() does not
+            pass
     if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
         return int(value)
     raise invalid(OWNER, field, value, "must be an int")

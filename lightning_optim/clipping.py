@@ -25,7 +25,9 @@ read together), so a step costs one device-to-host round trip however many group
 
 The guard. ``finite`` is ``isfinite(total_norm)``: one NaN or inf anywhere makes the norm NaN
 or inf for every p, and a norm that overflows (finite grads, but too large for the dtype) is
-counted as non-finite too, as no coefficient computed from it is meaningful. In norm mode a
+counted as non-finite too, as no coefficient computed from it is meaningful. With
+``mode="none"`` and a 1- or inf-norm, the 2-norm is checked as well: finite gradients whose
+squares overflow would otherwise make the second moments inf for good. In norm mode a
 non-finite norm leaves the grads as they came (coefficient 1, where torch would scale by NaN
 or 0). ``should_skip`` tells the caller to skip the step; after ``max_consecutive_skips``
 skips in a row the next non-finite step raises, since training has then diverged rather than
@@ -171,6 +173,13 @@ class GradientClipper:
         total = _combine(grads, norms, list(range(len(grads))), self.norm_type, device)
         group_norms = {n: _combine(grads, norms, members[n], self.norm_type, device) for n in names}
         finite = torch.isfinite(total)
+        if self.mode == "none" and self.norm_type != 2.0 and grads:
+            # Finite grads can have squares that overflow (|g| > 1.8e19 in fp32) and would make
+            # Adam-style second moments inf for good; a 1- or inf-norm does not see that, and
+            # with no clipping nothing else bounds them, so ask the 2-norm too.
+            squares = _tensor_norms(grads, 2.0)
+            sharding.global_norms_(sharded, squares, 2.0)
+            finite = finite & torch.isfinite(_combine(grads, squares, list(range(len(grads))), 2.0, device))
         false = torch.zeros((), dtype=torch.bool, device=device)
         clipped = dict.fromkeys(names, false)
 

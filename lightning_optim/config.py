@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -25,7 +25,7 @@ from .accumulation import AccumulationSchedule
 from .clipping import GradientClipper
 from .schedules import SCHEDULES, check_schedule
 from .stats import STATS
-from .validation import choice, invalid, positive, suggest
+from .validation import at_least, boolean, choice, invalid, positive, suggest
 
 
 @dataclass
@@ -99,7 +99,8 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         choice("scheduler", "name", self.name, SCHEDULES)
-        check_schedule(self.name, **self.options(total_steps=self.total_steps or 10**12))
+        total = 10**12 if self.total_steps is None else self.total_steps  # None: the trainer's, known later
+        check_schedule(self.name, **self.options(total_steps=total))
 
     def options(self, total_steps: int | None = None) -> dict[str, Any]:
         return {
@@ -130,7 +131,8 @@ class ClippingConfig:
     def build(self) -> GradientClipper:
         return GradientClipper(
             self.mode, max_norm=self.max_norm, max_value=self.max_value, norm_type=self.norm_type,
-            per_group=dict(self.per_group), skip_nonfinite=self.skip_nonfinite,
+            per_group=dict(self.per_group) if isinstance(self.per_group, Mapping) else self.per_group,
+            skip_nonfinite=self.skip_nonfinite,
             max_consecutive_skips=self.max_consecutive_skips,
         )
 
@@ -151,9 +153,16 @@ class AccumulationConfig:
     def __post_init__(self) -> None:
         if isinstance(self.schedule, Mapping):
             self.schedule = [[k, v] for k, v in self.schedule.items()]
+        if isinstance(self.schedule, (str, bytes)) or not isinstance(self.schedule, Iterable):
+            raise invalid("accumulation", "schedule", self.schedule,
+                          "must be a list of [start, micro_batches] pairs")
         for pair in self.schedule:
             if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
                 raise invalid("accumulation", "schedule", self.schedule, "must be [start, micro_batches] pairs")
+        starts = [str(start) for start, _ in self.schedule]
+        for start in starts:
+            if starts.count(start) > 1:  # points() would keep only the last one
+                raise invalid("accumulation", "schedule", self.schedule, f"has start {start} twice")
         self.build()
 
     def points(self) -> dict[int, int]:
@@ -175,11 +184,35 @@ class PartitionConfig:
     coupled: Optional[bool] = None
 
     def __post_init__(self) -> None:
-        if self.weight_decay is not None and not self.weight_decay >= 0:
-            raise invalid("partition", "weight_decay", self.weight_decay, "must be >= 0")
+        if self.weight_decay is not None:
+            at_least("partition", "weight_decay", self.weight_decay)
+        if self.coupled is not None:
+            boolean("partition", "coupled", self.coupled)
+        if isinstance(self.rules, (str, bytes, Mapping)) or not isinstance(self.rules, Iterable):
+            raise invalid("partition", "rules", self.rules,
+                          "must be a list like [{'match': 'head.*', 'lr': 0.1}]")
         for i, rule in enumerate(self.rules):
             if not isinstance(rule, Mapping):
                 raise invalid("partition", f"rules[{i}]", rule, "must be a mapping with 'match' or 'module'")
+
+    def check_options(self, optimizer: OptimizerConfig) -> None:
+        """Check each rule's group options against ``optimizer``, before any model exists: a typo
+        (``lrr``) or another rule's option would otherwise sit in the group unread."""
+        allowed = [k for k in registry.options(optimizer.name) if k != "backend"]
+        allowed += [] if "coupled" in allowed else ["coupled"]  # others warn and ignore it
+        for i, rule in enumerate(self.rules):
+            # match/module/group and the reserved keys are param_groups' to check
+            skip = ("match", "module", "group", "params", "param_names", "name")
+            opts = {k: v for k, v in rule.items() if k not in skip}
+            for key, value in opts.items():
+                if key not in allowed:
+                    raise invalid("partition", f"rules[{i}].{key}", value, f"{optimizer.name} has no option "
+                                  f"{key!r}{suggest(key, allowed)}; its options are {', '.join(allowed)}")
+            group = {"params": [torch.zeros(1, 1, requires_grad=True)], **opts,
+                     "name": rule.get("group", rule.get("match", f"rules[{i}]"))}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                registry.create_optimizer(optimizer.name, [group], **optimizer.kwargs())
 
 
 @dataclass
@@ -198,6 +231,22 @@ class MonitorConfig:
     drift_max_elements: int = 1 << 20
 
     def __post_init__(self) -> None:
+        for name in ("enabled", "update_ratio", "embeddings", "histograms"):
+            boolean("monitor", name, getattr(self, name))
+        for name in ("stats", "include", "exclude"):  # one string is one name, as MomentStats takes it
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, Iterable) or isinstance(value, (bytes, Mapping)):
+                raise invalid("monitor", name, value, "must be a list of strings")
+            value = list(value)
+            for item in value:
+                if not isinstance(item, str):
+                    raise invalid("monitor", name, item, "must be a string")
+            setattr(self, name, value)
+        if not self.include:
+            raise invalid("monitor", "include", self.include,
+                          "must hold at least one pattern (\"*\" for all)")
         for name in ("every_n_steps", "expensive_every_n_steps", "drift_max_elements"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -224,9 +273,13 @@ def _coerce(kind: str, cls: type, value: Any, name_field: str | None = "name") -
         known = {f.name for f in dataclasses.fields(cls)}
         for key in data:
             if key not in known:
-                raise invalid(kind, key, data[key], f"is not a {kind} option{suggest(key, known)}; options: {', '.join(sorted(known))}")
+                raise invalid(kind, key, data[key], f"is not {_a(kind)} option{suggest(key, known)}; options: {', '.join(sorted(known))}")
         return cls(**data)
-    raise invalid(kind, kind, value, f"must be {'a name, ' if name_field else ''}a mapping or a {cls.__name__}")
+    raise invalid(kind, kind, value, f"must be {'a name, ' if name_field else ''}a mapping or {_a(cls.__name__)}")
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[0].lower() in 'aeiou' else 'a'} {word}"
 
 
 def _plain(value: Any) -> Any:

@@ -100,7 +100,7 @@ def create_optimizer(name_or_mapping: Any, params_or_module: Any, **overrides: A
 
 
 def _entry(name: Any) -> Entry:
-    if name not in REGISTRY:
+    if not isinstance(name, str) or name not in REGISTRY:  # a list or dict name is unhashable
         raise invalid("optimizer", "name", name, f"must be one of {', '.join(REGISTRY)}{suggest(name, REGISTRY)}")
     return REGISTRY[name]
 

@@ -8,6 +8,7 @@ so keep it when adding checks.
 from __future__ import annotations
 
 import difflib
+import math
 import numbers
 from collections.abc import Iterable
 from typing import Any
@@ -31,20 +32,27 @@ def number(owner: str, field: str, value: Any) -> float:
     """Return ``value`` as a float, or raise if it is not a real number (bools are not)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise invalid(owner, field, value, "must be a number")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int too large for a float, e.g. 10**400
+        raise invalid(owner, field, value, "must be a finite number") from None
 
 
 def at_least(owner: str, field: str, value: Any, low: float = 0.0) -> float:
     v = number(owner, field, value)
     if not v >= low:  # also rejects NaN
         raise invalid(owner, field, value, f"must be >= {low:g}")
+    if math.isinf(v):  # an infinite lr, decay or eps turns every parameter into inf or NaN
+        raise invalid(owner, field, value, "must be finite")
     return v
 
 
-def positive(owner: str, field: str, value: Any) -> float:
+def positive(owner: str, field: str, value: Any, *, allow_inf: bool = False) -> float:
     v = number(owner, field, value)
     if not v > 0:
         raise invalid(owner, field, value, "must be > 0")
+    if math.isinf(v) and not allow_inf:
+        raise invalid(owner, field, value, "must be finite")
     return v
 
 

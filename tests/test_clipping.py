@@ -263,6 +263,19 @@ def test_non_finite_grad_is_reported_and_skipped(bad, mode, norm_type):
     assert (clipper.skipped_steps, clipper.consecutive_skips, clipper.clipped_steps) == (1, 1, 0)
 
 
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, INF])
+@pytest.mark.parametrize(("size", "skipped"), [(1e30, True), (1e18, False)])
+def test_unclipped_grads_whose_squares_overflow_are_skipped_whatever_the_norm(norm_type, size, skipped):
+    """mode="none": 1e30 is finite, but its square is inf in fp32 and would make Adam's v inf
+    for good; the 1- and inf-norms do not overflow, so the guard checks the 2-norm as well."""
+    opt, groups, _ = _twins()
+    groups[1]["params"][0].grad[2, 3] = size
+    clipper = GradientClipper("none", norm_type=norm_type)
+    report = clipper.clip_(opt)
+    assert math.isfinite(report.total_norm.item()) is (norm_type != 2.0 or not skipped)
+    assert clipper.should_skip(report) is skipped
+
+
 def test_a_finite_step_resets_consecutive_skips():
     clipper = GradientClipper("norm", max_norm=1e-3, max_consecutive_skips=3)
     for step in range(8):

@@ -93,6 +93,7 @@ def rmsprop(P, G, S, T, h, owned):
         ga = S["grad_avg"]
         torch._foreach_lerp_(ga, G, 1 - alpha)
         avg = torch._foreach_addcmul(sq, ga, ga, -1)
+        torch._foreach_clamp_min_(avg, 0.0)
         torch._foreach_sqrt_(avg)
     else:
         avg = torch._foreach_sqrt(sq)
@@ -242,9 +243,12 @@ def yogi(P, G, S, T, h, owned):
     torch._foreach_lerp_(M, G, 1 - beta1)
     # 1.
     G2 = torch._foreach_mul(G, G)
-    sign = torch._foreach_sub(V, G2)
-    torch._foreach_sign_(sign)
-    torch._foreach_addcmul_(V, sign, G2, -(1 - beta2))
+    move = torch._foreach_sub(V, G2)
+    torch._foreach_sign_(move)
+    torch._foreach_mul_(move, G2)
+    for m, v, g2 in zip(move, V, G2):
+        m.masked_fill_(v == g2, 0.0)
+    torch._foreach_add_(V, move, alpha=-(1 - beta2))
     # 2.
     bc1 = [1 - beta1**t for t in T]
     bc2_sqrt = [math.sqrt(1 - beta2**t) for t in T]

@@ -81,10 +81,12 @@ def rmsprop(p: Tensor, g: Tensor, s: dict[str, Tensor], t: float, h: dict) -> No
     sq = s["square_avg"]
     sq.mul_(alpha).addcmul_(g, g, value=1 - alpha)
     if h["centered"]:
-        # 2c. Centered: divide by the standard deviation, sqrt(E[g^2] - E[g]^2).
+        # 2c. Centered: divide by the standard deviation, sqrt(E[g^2] - E[g]^2). The two
+        #     EMAs round separately, so the variance can come out a hair below 0 (often, with
+        #     a small alpha) where torch takes a NaN square root: clamp it at 0.
         ga = s["grad_avg"]
         ga.lerp_(g, 1 - alpha)
-        avg = sq.addcmul(ga, ga, value=-1).sqrt_()
+        avg = sq.addcmul(ga, ga, value=-1).clamp_min_(0.0).sqrt_()
     else:
         avg = sq.sqrt()
     avg = avg.add_(h["eps"])
@@ -214,8 +216,11 @@ def yogi(p: Tensor, g: Tensor, s: dict[str, Tensor], t: float, h: dict) -> None:
     m.lerp_(g, 1 - beta1)
     # 1. v = v - (1 - beta2) * sign(v - g^2) * g^2 (Zaheer et al. 2018, Alg. 2): v moves
     #    toward g^2 by an additive step, so one huge gradient cannot blow it up at once.
+    #    Where v and g^2 are both inf (|g| > 1.8e19 in fp32, twice), sign(inf - inf) is NaN:
+    #    such a coordinate has v = g^2, so its move is 0 by the formula; make it exactly that.
     g2 = g.square()
-    v.addcmul_(torch.sign(v - g2), g2, value=-(1 - beta2))
+    move = torch.sign(v - g2).mul_(g2).masked_fill_(v == g2, 0.0)
+    v.add_(move, alpha=-(1 - beta2))
     # 2. Bias-corrected like Adam.
     bc1, bc2 = 1 - beta1**t, 1 - beta2**t
     denom = (v.sqrt() / math.sqrt(bc2)).add_(h["eps"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..validation import at_least, boolean
+from ..validation import at_least, boolean, invalid
 from .base import Optimizer
 
 
@@ -54,9 +54,16 @@ class RMSprop(Optimizer):
 
     def _validate(self, h, owner):
         h = super()._validate(h, owner)
-        h["alpha"] = at_least(owner, "alpha", h["alpha"])
-        h["momentum"] = at_least(owner, "momentum", h["momentum"])
-        boolean(owner, "centered", h["centered"])
+        # alpha > 1 gives the squared average a negative weight (sqrt of a negative: NaN), and
+        # alpha = 1 keeps it at 0 (steps of lr * g / eps); momentum >= 1 diverges.
+        for field in ("alpha", "momentum"):
+            value = h[field]
+            h[field] = at_least(owner, field, value)
+            if h[field] >= 1:
+                raise invalid(owner, field, value, "must be in [0, 1)")
+        if boolean(owner, "centered", h["centered"]) and h["alpha"] == 0:
+            # the centered variance is then g^2 - g^2: zero, or a rounding error below zero (NaN)
+            raise invalid(owner, "alpha", h["alpha"], "must be > 0 with centered=True")
         return h
 
     def _state_keys(self, group):

@@ -52,8 +52,13 @@ class SGD(Optimizer):
 
     def _validate(self, h, owner):
         h = super()._validate(h, owner)
-        h["momentum"] = at_least(owner, "momentum", h["momentum"])
-        h["dampening"] = at_least(owner, "dampening", h["dampening"])
+        momentum, dampening = h["momentum"], h["dampening"]
+        h["momentum"] = at_least(owner, "momentum", momentum)
+        h["dampening"] = at_least(owner, "dampening", dampening)
+        if h["momentum"] >= 1:  # the buffer would sum, not average, the gradients: it diverges
+            raise invalid(owner, "momentum", momentum, "must be in [0, 1)")
+        if h["dampening"] > 1:
+            raise invalid(owner, "dampening", dampening, "must be in [0, 1]")
         if boolean(owner, "nesterov", h["nesterov"]) and (h["momentum"] <= 0 or h["dampening"] != 0):
             raise invalid(
                 owner, "nesterov", True,
