@@ -48,8 +48,21 @@ Effective bandwidth
     bf16 parameters our state stays fp32 (torch's baselines keep bf16 state), which the
     byte count reflects.
 
+Triton
+    ``triton`` (the fused multi-tensor kernels, one launch per bucket) is timed on CUDA
+    only; on a CPU the row is skipped with the reason printed (the kernels run on CPUs only
+    in Triton's interpreter, a test tool). Its ``B/param`` is the kernel's own byte count
+    (``lightning_optim.backends.triton.bytes_per_param``, worked out per rule in that
+    package's docstring), so its GB/s is comparable to the copy ceiling. With triton, two
+    more rows time a clipped AdamW step: ``grad_norm`` (one reduction launch) + the fused
+    step with the clip coefficient as ``grad_scale``, against
+    ``torch.nn.utils.clip_grad_norm_`` + ``torch.optim.AdamW(fused=True)``. ``--max-norm``
+    defaults to 1e6, above the gradients' norm, so the coefficient is exactly 1 and the
+    shared gradients stay unchanged while both sides still do all the work.
+
 Backends
-    ``auto`` resolves to ``foreach`` on CPU and CUDA (the resolved name is shown) and is
+    ``auto`` resolves to ``triton`` on CUDA when Triton is installed, else ``foreach``
+    (the resolved name is shown), and is
     measured anyway, as a check that resolution costs nothing per step. ``reference``
     (one tensor at a time, the test oracle) is only measured with ``--with-reference``.
     On CUDA it launches several kernels per tensor and is slow. On a CPU it is about as
@@ -63,6 +76,8 @@ Examples::
     python benchmarks/step.py --rules adamw,coupled_adam --width 768 --vocab 50257
     python benchmarks/step.py --with-reference --width 64
     python benchmarks/step.py --device cuda --width 768 --dtype bfloat16 --json out.json
+    python benchmarks/step.py --device cuda --width 768 --vocab 50257 --rules adamw --backends foreach,triton
+    python benchmarks/step.py --device cuda --sizes 16777216x8,1024x100 --rules adamw,lion
 """
 
 from __future__ import annotations
@@ -83,6 +98,7 @@ from typing import Any
 import torch
 
 from common import cpu_name, pick_device, sync
+from lightning_optim.backends import triton as triton_backend
 from lightning_optim.registry import create_optimizer, optimizers, options
 
 GPT2_VOCAB = 50257
@@ -111,6 +127,16 @@ def gpt2_shapes(width: int, vocab: int, n_layer: int = N_LAYER) -> list[tuple[st
             (h + "mlp.c_proj.weight", (4 * d, d)), (h + "mlp.c_proj.bias", (d,)),
         ]
     shapes += [("ln_f.weight", (d,)), ("ln_f.bias", (d,))]
+    return shapes
+
+
+def parse_sizes(spec: str) -> list[tuple[str, tuple[int, ...]]]:
+    """``--sizes``: comma-separated ``N`` (one 1-D tensor of N elements) or ``NxK`` (K of them)."""
+    shapes = []
+    for item in spec.split(","):
+        n, _, k = item.strip().partition("x")
+        for _ in range(int(k or 1)):
+            shapes.append((f"t{len(shapes)}", (int(n),)))
     return shapes
 
 
@@ -193,6 +219,49 @@ def min_bytes(opt: torch.optim.Optimizer, params) -> int:
             if isinstance(s, torch.Tensor) and key not in ("step", "mu_product") and s.dim() > 0:
                 total += 2 * s.nbytes
     return total
+
+
+def triton_bytes(opt) -> int:
+    """The bytes the fused kernels move per step, from the per-rule table of the backend."""
+    total = 0
+    for group in opt.param_groups:
+        rule = opt._rule(group)
+        for p in group["params"]:
+            master = "master_param" in opt.state.get(p, {})
+            total += triton_backend.bytes_per_param(rule, group, p.dtype, master=master) * p.numel()
+    return total
+
+
+class ClippedTriton:
+    """AdamW on the Triton backend behind a clip-by-norm: ``grad_norm`` (one reduction
+    launch per dtype), the clip coefficient min(1, max_norm / (norm + 1e-6)) on the device,
+    then the fused step with ``grad_scale=coef``: no host sync, no pass over the grads to
+    scale them."""
+
+    def __init__(self, params, max_norm: float) -> None:
+        self.opt = create_optimizer("adamw", [{"params": params, "name": "all"}], backend="triton", weight_decay=0.1)
+        self.params, self.max_norm = params, max_norm
+        self.coef = torch.ones((), device=params[0].device)
+        self.opt._run = lambda *a, **k: triton_backend.run(*a, **k, grad_scale=self.coef)
+        self.state = self.opt.state
+
+    def step(self) -> None:
+        total, _finite = triton_backend.grad_norm([p.grad for p in self.params])
+        torch.clamp(self.max_norm / (total + 1e-6), max=1.0, out=self.coef)
+        self.opt.step()
+
+
+class ClippedTorch:
+    """``clip_grad_norm_`` (foreach) then ``torch.optim.AdamW(fused=True)``."""
+
+    def __init__(self, params, max_norm: float) -> None:
+        self.opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, fused=True)
+        self.params, self.max_norm = params, max_norm
+        self.state = self.opt.state
+
+    def step(self) -> None:
+        torch.nn.utils.clip_grad_norm_(self.params, self.max_norm, foreach=True)
+        self.opt.step()
 
 
 # ----- timing ------------------------------------------------------------------------------------
@@ -307,8 +376,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=7, help="interleaved rounds (default 7)")
     ap.add_argument("--rules", default=",".join(optimizers()),
                     help="comma-separated registry names (default: all)")
-    ap.add_argument("--backends", default="auto,foreach,reference",
-                    help="comma-separated backends (default auto,foreach,reference; reference needs --with-reference)")
+    ap.add_argument("--backends", default="auto,foreach,triton,reference",
+                    help="comma-separated backends (default auto,foreach,triton,reference; triton needs CUDA, "
+                         "reference needs --with-reference)")
+    ap.add_argument("--sizes", default=None,
+                    help="instead of GPT-2's shapes, 1-D tensors: comma-separated N or NxK (K tensors of N)")
+    ap.add_argument("--max-norm", type=float, default=1e6,
+                    help="clip threshold of the clipped-step rows (default 1e6: coefficient 1, grads unchanged)")
     ap.add_argument("--with-reference", action="store_true",
                     help="also time the reference backend (slow: use a small --width)")
     ap.add_argument("--no-baselines", action="store_true", help="skip the torch.optim baselines (no ratios then)")
@@ -348,9 +422,18 @@ def main(argv=None) -> int:
         notes.append("reference backend not measured: pass --with-reference (slow on CUDA, a small --width "
                      "there; on a CPU it is about as fast as foreach and never page-faults).")
 
-    shapes = gpt2_shapes(args.width, vocab)
+    if "triton" in backends:
+        if device.type != "cuda":
+            backends.remove("triton")
+            notes.append("triton backend not measured: its kernels run on CUDA tensors (on a CPU only in "
+                         "Triton's interpreter, a test tool); pass --device cuda on a GPU machine.")
+        elif not triton_backend.available():
+            backends.remove("triton")
+            notes.append(f"triton backend not measured: {triton_backend.why_unavailable()}")
+
+    shapes = parse_sizes(args.sizes) if args.sizes else gpt2_shapes(args.width, vocab)
     names = [n for n, _ in shapes]
-    n_configs = (0 if args.no_baselines else len(BASELINES)) + len(rules) * len(backends)
+    n_configs = (0 if args.no_baselines else len(BASELINES)) + len(rules) * len(backends) + 2 * ("triton" in backends)
     need = estimate_bytes(shapes, dtype, n_configs)
     have = available_bytes(device)
     if have is not None and need > 0.9 * have:
@@ -384,6 +467,11 @@ def main(argv=None) -> int:
                 notes.append(f"{rule} / {backend} skipped: {e}")
                 continue
             configs.append(Config(rule, backend, opt.backend, opt, ps))
+    if "triton" in backends:
+        for label, make in (("triton grad_norm + grad_scale", ClippedTriton),
+                            ("torch clip_grad_norm_ + fused", ClippedTorch)):
+            ps = fresh_params(values, grads)
+            configs.append(Config("adamw + clip", label, label, make(ps, args.max_norm), ps))
 
     # Warm-up: state creation, allocator, first-touch page faults. Untimed; a failure drops the row.
     for c in list(configs):
@@ -396,6 +484,11 @@ def main(argv=None) -> int:
             configs.remove(c)
             continue
         c.bytes_per_step = min_bytes(c.opt, c.params)
+        if c.resolved == "triton" or c.resolved.startswith("triton "):
+            inner = c.opt.opt if isinstance(c.opt, ClippedTriton) else c.opt
+            c.bytes_per_step = triton_bytes(inner)
+        if c.rule == "adamw + clip":
+            c.bytes_per_step += sum(p.grad.nbytes for p in c.params)  # the norm reads g once more
 
     # Interleaved rounds, rotating the starting configuration.
     gc.collect()

@@ -4,6 +4,10 @@ The optimizers work in plain PyTorch; the Lightning and Hydra pieces live in the
 modules. See DESIGN.md for the data flow: partition -> optimizer -> statistics -> loggers.
 """
 
+from .checkpoint import (
+    CheckpointError, ResumableDataLoader, ResumableSampler, convert_checkpoint, convert_optimizer_state,
+    verify_checkpoint,
+)
 from .optim import SGD, Adagrad, Adam, AdamW, CoupledAdam, Lion, NAdam, RAdam, RMSprop, Yogi
 from .partition import param_groups, summarize
 from .registry import create_optimizer, optimizers
@@ -25,5 +29,6 @@ def __getattr__(name: str):
 __all__ = [
     "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "NAdam", "RAdam", "Lion", "Yogi", "CoupledAdam",
     "param_groups", "summarize", "create_optimizer", "optimizers", "LightningOptimWarning", "OptimizerCallback",
-    "MomentMonitor",
+    "MomentMonitor", "CheckpointError", "verify_checkpoint", "ResumableDataLoader", "ResumableSampler",
+    "convert_optimizer_state", "convert_checkpoint",
 ]

@@ -31,11 +31,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from .accumulation import Accumulator
+from .checkpoint import guard_checkpoint_loading
 from .config import accumulation_config, clipping_config, optimizer_config, partition_config, scheduler_config
 from .loggers import log_histograms, log_metrics
 from .partition import param_groups, summarize
@@ -79,6 +81,7 @@ class OptimizerCallback(Callback):
         self.clipping_config = clipping_config(clipping)
         self.accumulation_config = accumulation_config(accumulation)
         self.partition_config = partition_config(partition)
+        self.partition_config.check_options(self.optimizer_config)
         self.clipper = self.clipping_config.build()
         schedule = self.accumulation_config.build()
         self.accumulator = None if schedule.points == {0: 1} else Accumulator(schedule)
@@ -113,7 +116,19 @@ class OptimizerCallback(Callback):
                 f"and an accumulation schedule ({self.accumulator.schedule.describe()}) are both set: "
                 "choose one."
             )
+        if isinstance(trainer.strategy, FSDPStrategy):
+            raise ConfigurationError(
+                "OptimizerCallback: strategy=FSDPStrategy (FSDP1) is not supported: it hands the "
+                "optimizer flattened 1-D shards, which have lost the shapes the partition, CoupledAdam's "
+                "shared rows and the clip norm need. Use ModelParallelStrategy with fully_shard in "
+                "configure_model (FSDP2): see README, 'Distributed training'."
+            )
         self._install(pl_module)
+        self._trainer = trainer
+        # Refuse a truncated or corrupted checkpoint by name before Lightning loads it. The
+        # path is not known yet (trainer.ckpt_path is set in the same call that loads the
+        # file, after this hook), so the check wraps the strategy's load_checkpoint.
+        guard_checkpoint_loading(trainer.strategy)
 
     def _install(self, pl_module: pl.LightningModule) -> None:
         """Put our configure_optimizers on the module (once per module)."""
@@ -276,6 +291,19 @@ class OptimizerCallback(Callback):
             self.accumulator.load_state_dict(state["accumulator"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+        # Let Lightning set the train loader up again once it has restored its loops. A schedule
+        # without total_steps reads trainer.estimated_stepping_batches in configure_optimizers,
+        # which sets the train loader up (and starts its iterator) before the loops are restored;
+        # Lightning then keeps that loader and never loads the checkpoint's dataloader state into
+        # it, so a stateful loader (checkpoint.ResumableDataLoader) would start the interrupted
+        # epoch over. Dropping it, as Lightning's own tuner does, makes the fit loop build it
+        # again after the restore, with the saved state.
+        fit_loop = getattr(getattr(self, "_trainer", None), "fit_loop", None)
+        if fit_loop is not None and not fit_loop.restarting and getattr(fit_loop, "_combined_loader", None) is not None:
+            if fit_loop._data_fetcher is not None:
+                fit_loop._data_fetcher.teardown()  # stops the workers of the iterator started early
+                fit_loop._data_fetcher = None
+            fit_loop._combined_loader = None
 
 
 def _describe(result: Any) -> str:
@@ -342,7 +370,7 @@ class MomentMonitor(Callback):
 
         self.config = MonitorConfig(
             every_n_steps=every_n_steps, expensive_every_n_steps=expensive_every_n_steps,
-            stats=list(stats) if stats is not None else list(STATS), include=list(include), exclude=list(exclude),
+            stats=stats if stats is not None else list(STATS), include=include, exclude=exclude,
             update_ratio=update_ratio, embeddings=embeddings, histograms=histograms,
             drift_max_elements=drift_max_elements,
         )

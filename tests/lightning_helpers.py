@@ -13,12 +13,12 @@ VOCAB, DIM = 40, 16
 class TiedLM(pl.LightningModule):
     """Next-token model with a tied head; defines its own configure_optimizers (SGD + StepLR)."""
 
-    def __init__(self, own_optimizer: bool = True) -> None:
+    def __init__(self, own_optimizer: bool = True, vocab: int = VOCAB) -> None:
         super().__init__()
-        self.embed = nn.Embedding(VOCAB, DIM)
+        self.embed = nn.Embedding(vocab, DIM)
         self.norm = nn.LayerNorm(DIM)
         self.mlp = nn.Linear(DIM, DIM)
-        self.head = nn.Linear(DIM, VOCAB, bias=False)
+        self.head = nn.Linear(DIM, vocab, bias=False)
         self.head.weight = self.embed.weight
         self.own_optimizer = own_optimizer
         self.losses: list[float] = []

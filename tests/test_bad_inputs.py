@@ -516,3 +516,17 @@ def test_hydra_entry_point_exits_2_with_one_paragraph(tmp_path, overrides, messa
     err = proc.stderr.strip()
     assert err == f"lightning_optim.train: invalid configuration: {message}", err
     assert not (run_dir / "checkpoints").exists()  # refused before anything was built
+
+
+def test_fsdp1_strategy_is_refused_with_the_way_out():
+    """Lightning's FSDPStrategy needs a GPU to build a Trainer, so the callback's check is
+    called as Lightning calls it, with a trainer that carries that strategy."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    trainer = SimpleNamespace(gradient_clip_val=None, accumulate_grad_batches=1, strategy=FSDPStrategy())
+    module = BareLM()
+    with pytest.raises(ConfigurationError, match=r"FSDPStrategy \(FSDP1\) is not supported.*ModelParallelStrategy"):
+        OptimizerCallback(optimizer="coupled_adam").setup(trainer, module, "fit")
+    assert module.configure_optimizers.__func__ is BareLM.configure_optimizers  # nothing installed

@@ -36,7 +36,7 @@ def test_sharded_coupled_adam_equals_unsharded(tmp_path):
         # replicated DTensor of one row.
         assert r["placements"]["embed.weight"] == "(Shard(dim=0),)"
         assert r["coupled_row"] == {**r["coupled_row"], "dtensor": True, "placements": "(Replicate(),)",
-                                    "local_shape": [1, 8]}
+                                    "local_shape": [1, 16]}
         worst = r["worst"]
         assert worst["params"] < 1e-6, worst  # the update, with the global vocabulary mean
         assert r["coupled_row"]["rel"] < 1e-6

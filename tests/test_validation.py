@@ -154,8 +154,9 @@ def test_unknown_backend_far_from_any_has_no_suggestion():
         AdamW(_params(), backend="cuda")
 
 
-def test_triton_backend_says_it_is_not_available():
-    with pytest.raises(ValueError, match=r"^AdamW: backend='triton' is not available in this release.*'foreach'"):
+def test_triton_backend_on_cpu_says_what_to_do(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match=r"^AdamW: backend='triton' got CPU parameters.*TRITON_INTERPRET=1.*'foreach'"):
         AdamW(_params(), backend="triton")
 
 

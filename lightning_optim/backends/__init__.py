@@ -1,11 +1,19 @@
 """Backends: interchangeable implementations of the same update rules.
 
 - ``reference``: one tensor at a time, the readable specification and the test oracle;
-- ``foreach``: multi-tensor ``torch._foreach_*`` ops, the default on every device;
-- ``triton``: fused multi-tensor GPU kernels (not in this release: selecting it raises).
+- ``foreach``: multi-tensor ``torch._foreach_*`` ops, the default wherever Triton is not used;
+- ``triton``: one fused multi-tensor kernel per (device, dtype) bucket
+  (:mod:`.triton`): CUDA tensors with Triton installed (``pip install lightning_optim[triton]``),
+  or CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``, for tests: slow).
+
+``auto`` picks ``foreach`` on every device torch has foreach ops for, else ``reference``.
+The Triton kernels are checked against the reference under the interpreter on every CI run,
+but not yet on a GPU: until that check is recorded in ``benchmarks/RESULTS.md``, ``triton``
+is opt-in, and ``auto`` does not pick it on CUDA (:data:`AUTO_PICKS_TRITON`).
 
 An optimizer resolves its ``backend`` argument once, at construction, with
-:func:`resolve`, and calls :func:`runner` for the function that updates a bucket.
+:func:`resolve`, and calls :func:`runner` for the function that updates a bucket:
+``run(rule, params, grads, state, steps, group)``.
 """
 
 from __future__ import annotations
@@ -16,12 +24,17 @@ import torch
 
 from ..validation import ConfigurationError, choice
 from . import foreach, reference
+from . import triton as triton_backend
 
 BACKENDS = ("auto", "reference", "foreach", "triton")
 
 # Devices whose foreach ops are known to work. torch falls back to a per-tensor C++ loop
 # where it has no fused kernel, which still beats a Python loop.
 _FOREACH_DEVICES = {"cpu", "cuda", "xpu", "mps", "hpu"}
+_TRITON_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
+# False until the CUDA runs of tests/test_triton.py and benchmarks/step.py have passed on a
+# GPU: a default that silently trains differently is worse than a slower one.
+AUTO_PICKS_TRITON = False
 
 Runner = Callable[..., None]
 
@@ -29,17 +42,43 @@ Runner = Callable[..., None]
 def resolve(owner: str, backend: str, params: Iterable[torch.Tensor]) -> str:
     """The concrete backend for ``backend`` on the devices of ``params``."""
     choice(owner, "backend", backend, BACKENDS)
+    params = list(params)
+    devices = {p.device.type for p in params}
     if backend == "triton":
-        raise ConfigurationError(
-            f"{owner}: backend='triton' is not available in this release: the fused Triton "
-            "kernels are not built yet. Use backend='foreach' (the GPU default) or 'auto'."
-        )
+        _check_triton(owner, params, devices)
+        return backend
     if backend != "auto":
         return backend
-    devices = {p.device.type for p in params}
+    if (AUTO_PICKS_TRITON and devices == {"cuda"} and triton_backend.available()
+            and all(p.dtype in _TRITON_DTYPES for p in params)):
+        return "triton"
     return "foreach" if devices <= _FOREACH_DEVICES else "reference"
+
+
+def _check_triton(owner: str, params: list[torch.Tensor], devices: set[str]) -> None:
+    why = triton_backend.why_unavailable()
+    if why is not None:
+        raise ConfigurationError(f"{owner}: backend='triton' is unavailable: {why}. Or use backend='foreach'.")
+    if "cpu" in devices and not triton_backend.interpreter_enabled():
+        raise ConfigurationError(
+            f"{owner}: backend='triton' got CPU parameters: the kernels run on CUDA tensors, or on CPU "
+            "tensors only under Triton's interpreter (set TRITON_INTERPRET=1; slow, for tests). "
+            "Use backend='foreach' (or 'auto') on CPU."
+        )
+    unsupported = devices - {"cuda", "cpu"}
+    if unsupported:
+        raise ConfigurationError(
+            f"{owner}: backend='triton' supports CUDA tensors (and CPU under TRITON_INTERPRET=1), "
+            f"not {sorted(unsupported)}: use backend='foreach'."
+        )
+    dtypes = {p.dtype for p in params} - _TRITON_DTYPES
+    if dtypes:
+        raise ConfigurationError(
+            f"{owner}: backend='triton' supports float32, bfloat16 and float16 parameters, not "
+            f"{sorted(str(d) for d in dtypes)}: use backend='foreach' for those."
+        )
 
 
 def runner(backend: str) -> Runner:
     """``run(rule, params, grads, state, steps, group)`` of a resolved backend."""
-    return {"reference": reference.run, "foreach": foreach.run}[backend]
+    return {"reference": reference.run, "foreach": foreach.run, "triton": triton_backend.run}[backend]

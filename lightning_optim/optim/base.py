@@ -172,7 +172,8 @@ class Optimizer(torch.optim.Optimizer):
             if len(mine["params"]) != len(saved["params"]):
                 raise ValueError(
                     f"{self._owner}.load_state_dict: param group {i} ({mine.get('name', 'unnamed')!r}) has "
-                    f"{len(mine['params'])} params here but {len(saved['params'])} in the state dict"
+                    f"{len(mine['params'])} params here but {len(saved['params'])} in the state dict "
+                    f"(saved group {saved.get('name', 'unnamed')!r}): was it saved with another partition?"
                 )
         # Match saved ids to our params in order, as torch does, and check every tensor's shape.
         located = {}

@@ -1,0 +1,354 @@
+"""The launcher: from a bucket of tensors to one kernel launch.
+
+``run`` does, per (device, dtype) bucket: check dtypes; bring every tensor into a layout
+the kernel can walk linearly (see :func:`_layouts`); Coupled Adam's row pre-pass; the
+step factors on the host (float64, as the reference computes them); the table from the
+cache; one launch; copy back any work copies. See the package docstring for the design.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from ...validation import invalid
+from .table import TableCache, upload_factors
+
+_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+# Elements per program. On GPUs 2048 fp32 (8 KiB per stream) with 4 warps is 16 elements
+# per thread: four 16-byte vector accesses per stream, enough in flight to saturate HBM.
+# The interpreter executes programs one by one in numpy, so smaller blocks keep "more
+# than one block" cheap to test there.
+BLOCK = {"cuda": 2048, "cpu": 128}
+NUM_WARPS = 4
+
+TABLES = TableCache()
+
+RowMean = Callable[[int, Tensor], Tensor]
+
+_kernel_modules: dict[bool, ModuleType] = {}
+_dummies: dict[torch.device, Tensor] = {}
+
+
+def kernels(device: torch.device) -> ModuleType:
+    """The kernels, compiled for a GPU or, for CPU tensors, run by Triton's interpreter.
+
+    ``@triton.jit`` decides between the two when it decorates (from TRITON_INTERPRET), so
+    ``kernels.py`` is loaded once per mode with the switch set for that load only: CPU
+    tests and CUDA tests can then share one process.
+    """
+    interpret = device.type == "cpu"
+    module = _kernel_modules.get(interpret)
+    if module is None:
+        import triton
+
+        name = f"{__package__}.kernels_{'interpreted' if interpret else 'compiled'}"
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("kernels.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        with triton.knobs.runtime.scope():
+            triton.knobs.runtime.interpret = interpret
+            spec.loader.exec_module(module)
+        _kernel_modules[interpret] = module
+    return module
+
+
+def _dummy(device: torch.device) -> Tensor:
+    """A one-element fp32 tensor for pointer arguments a launch does not use."""
+    t = _dummies.get(device)
+    if t is None:
+        t = _dummies[device] = torch.zeros(4, dtype=torch.float32, device=device)
+    return t
+
+
+def _kind(owner: str, dtype: torch.dtype) -> int:
+    if dtype not in _KIND:
+        raise invalid(owner, "dtype", dtype, "the Triton backend supports float32, bfloat16 and float16 "
+                      "tensors only; use backend='foreach' for float64")
+    return _KIND[dtype]
+
+
+# ----- layouts -----------------------------------------------------------------------------
+
+
+def _dense(t: Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill [data_ptr, data_ptr + numel) exactly,
+    in some order of the dims (a transposed param is fine, a slice is not)."""
+    if t.is_contiguous():
+        return True
+    dims = sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1)
+    expected = 1
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    """Same shape and, wherever a dim has more than one element, the same strides: then
+    element k of one storage is element k of the other."""
+    if a.shape != b.shape:
+        return False
+    if a.is_contiguous() and b.is_contiguous():
+        return True
+    return all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()) if n != 1)
+
+
+def _layouts(params: Sequence[Tensor], grads: Sequence[Tensor], states: list[list[Tensor]],
+             coupled: bool) -> tuple[list[Tensor], list[Tensor], list[list[Tensor]], list[tuple[Tensor, Tensor]]]:
+    """Tensors the kernel can walk as flat arrays, and the (original, copy) pairs to write back.
+
+    The kernel indexes p, g and every state tensor of one param by the same flat offset, so
+    they must share a dense layout. A dense param (contiguous, or e.g. transposed) is used
+    in place with its own layout; a param that is not dense (a slice of a larger tensor)
+    is updated through a contiguous copy and copied back, as is any state tensor whose
+    layout differs from its param's (e.g. loaded from a state dict). Grads are only read:
+    a grad with another layout is copied into the param's. Coupled params must be
+    row-major (the row of the shared second moment is indexed by offset % H).
+    """
+    ps, gs, ss, back = [], [], [[] for _ in states], []
+    for i, p in enumerate(params):
+        work = p if (p.is_contiguous() if coupled else _dense(p)) else p.contiguous()
+        if work is not p:
+            back.append((p, work))
+        ps.append(work)
+        g = grads[i]
+        if not _same_layout(g, work):
+            g = torch.empty_like(work, dtype=g.dtype).copy_(g)
+        gs.append(g)
+        for j, slot in enumerate(states):
+            s = slot[i]
+            if s.shape == work.shape:
+                ok = s.dtype == torch.float32 and _same_layout(s, work)
+                fresh = (lambda s=s: torch.empty_like(work, dtype=torch.float32).copy_(s))
+            else:  # Coupled Adam's (1, H) row.
+                ok = s.dtype == torch.float32 and s.is_contiguous()
+                fresh = (lambda s=s: s.to(torch.float32, memory_format=torch.contiguous_format, copy=True))
+            if not ok:
+                copy = fresh()
+                back.append((s, copy))
+                s = copy
+            ss[j].append(s)
+    # One grad dtype per launch: grads that differ from the first are cast to the param's.
+    gdtype = gs[0].dtype
+    gs = [g if g.dtype == gdtype else g.to(gdtype) for g in gs]
+    return ps, gs, ss, back
+
+
+# ----- per-rule host work: factors, slots, arguments ----------------------------------------
+
+
+def _bias(h: dict, t: float) -> tuple[float, float]:
+    """(-lr / bc1, 1 / sqrt(bc2)): reference step 4 folded into two per-tensor factors."""
+    beta1, beta2 = h["betas"]
+    if h.get("bias_correction", True):
+        return (-h["lr"] / (1 - beta1**t), 1 / math.sqrt(1 - beta2**t))
+    return (-h["lr"], 1.0)
+
+
+def _nadam_factors(h: dict, steps: Sequence[float], mu_products: list[Tensor]) -> list[tuple]:
+    beta1, beta2 = h["betas"]
+    lr, psi = h["lr"], h["momentum_decay"]
+    # 1. mu_t and mu_{t+1}; Pi_t lives in CPU float32 scalar tensors (torch's format), so
+    #    updating and reading it costs no device sync.
+    mus = [beta1 * (1.0 - 0.5 * 0.96 ** (t * psi)) for t in steps]
+    mu_nexts = [beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi)) for t in steps]
+    torch._foreach_mul_(mu_products, mus)
+    prods = [x.item() for x in mu_products]
+    return [(-lr * (1.0 - mu) / (1.0 - pr), -lr * mn / (1.0 - pr * mn), 1 - beta2**t)
+            for mu, mn, pr, t in zip(mus, mu_nexts, prods, steps)]
+
+
+def _radam_factors(h: dict, steps: Sequence[float]) -> list[tuple]:
+    beta1, beta2 = h["betas"]
+    rho_inf = 2 / (1 - beta2) - 1
+    out = []
+    for t in steps:
+        bc1, bc2 = 1 - beta1**t, 1 - beta2**t
+        # 1. rho_t (Liu et al. 2020, eq. 5): rectify only while the variance is tractable.
+        rho_t = rho_inf - 2 * t * beta2**t / bc2
+        if rho_t > 5.0:
+            r = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+            out.append((-h["lr"] * r * math.sqrt(bc2) / bc1, 1.0, 0.0))
+        else:
+            out.append((-h["lr"] / bc1, 0.0, 0.0))
+    return out
+
+
+def _plan(rule: str, h: dict, state: dict[str, list[Tensor]], steps: Sequence[float]):
+    """(kernel name, state slot keys, runtime floats, switches, per-tensor factors)."""
+    wd = float(h.get("weight_decay", 0.0))
+    lr = float(h["lr"])
+    decay = 1 - lr * wd
+    if rule == "sgd":
+        mu = float(h["momentum"])
+        damp = 1 - h["dampening"]
+        return ("sgd_kernel", ["momentum_buffer"] if mu != 0 else [],
+                dict(lr=lr, wd=wd, mu=mu), dict(WD=wd != 0, MOMENTUM=mu != 0, NESTEROV=bool(h["nesterov"])),
+                [(1.0 if t == 1 else damp,) for t in steps])
+    if rule == "adagrad":
+        return ("adagrad_kernel", ["sum"], dict(wd=wd, eps=float(h["eps"])), dict(WD=wd != 0),
+                [(-lr / (1 + (t - 1) * h["lr_decay"]),) for t in steps])
+    if rule == "rmsprop":
+        keys = ["square_avg"] + (["grad_avg"] if h["centered"] else []) + (["momentum_buffer"] if h["momentum"] > 0 else [])
+        return ("rmsprop_kernel", keys,
+                dict(lr=lr, wd=wd, alpha=float(h["alpha"]), eps=float(h["eps"]), mom=float(h["momentum"])),
+                dict(WD=wd != 0, CENTERED=bool(h["centered"]), MOMENTUM=h["momentum"] > 0), [() for _ in steps])
+    beta1, beta2 = (float(b) for b in h["betas"])
+    if rule in ("adam", "coupled_adam", "yogi"):
+        coupled = rule == "coupled_adam"
+        amsgrad = bool(h.get("amsgrad", False))
+        if coupled:
+            keys = ["exp_avg", "max_exp_avg_sq" if amsgrad else "exp_avg_sq"]
+        else:
+            keys = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
+        decoupled = rule == "yogi" or bool(h["decoupled_weight_decay"])
+        return ("adam_kernel", keys,
+                dict(wd=wd, decay=decay, beta1=beta1, beta2=beta2, eps=float(h["eps"]),
+                     coupling_scale=float(h.get("coupling_scale", 1.0))),
+                dict(WD=wd != 0, DECOUPLED=decoupled, AMSGRAD=amsgrad and not coupled, COUPLED=coupled,
+                     YOGI=rule == "yogi"),
+                [_bias(h, t) for t in steps])
+    if rule in ("nadam", "radam"):
+        factors = _nadam_factors(h, steps, state["mu_product"]) if rule == "nadam" else _radam_factors(h, steps)
+        return ("nadam_kernel", ["exp_avg", "exp_avg_sq"],
+                dict(wd=wd, decay=decay, beta1=beta1, beta2=beta2, eps=float(h["eps"])),
+                dict(WD=wd != 0, DECOUPLED=bool(h["decoupled_weight_decay"]), RADAM=rule == "radam"), factors)
+    if rule == "lion":
+        return ("lion_kernel", ["exp_avg"], dict(lr=lr, decay=decay, beta1=beta1, beta2=beta2), dict(WD=wd != 0),
+                [() for _ in steps])
+    raise invalid("backend 'triton'", "rule", rule, "must be one of the reference rules")
+
+
+def _coupled_rows(grads: list[Tensor], state: dict[str, list[Tensor]], h: dict, row_mean: RowMean | None,
+                  grad_scale: Tensor | None, found_inf: Tensor | None, clip_value: float | None) -> None:
+    """Coupled Adam's step 2 (and 3) on the (1, H) rows, before the elementwise kernel.
+
+    local = sum over dim 0 of g^2 in fp32 (one read of g: ``vector_norm`` upcasts on the
+    fly), then ``row_mean(i, local)`` -> the mean over the global vocabulary (a hook that
+    may all-reduce across the ranks of a row-sharded tensor), else ``local / rows``.
+    """
+    beta2 = h["betas"][1]
+    for i, g in enumerate(grads):
+        if clip_value is not None:
+            g = g.float() if grad_scale is None else g.float() * grad_scale
+            local = g.clamp_(-clip_value, clip_value).square_().sum(0, keepdim=True)
+        else:
+            local = torch.linalg.vector_norm(g, 2, dim=0, keepdim=True, dtype=torch.float32).square_()
+            if grad_scale is not None:
+                local.mul_(grad_scale.float().square())
+        mean = row_mean(i, local) if row_mean is not None else local / g.shape[0]
+        v = state["exp_avg_sq"][i]
+        new = v * beta2 + (1 - beta2) * mean
+        if found_inf is not None:
+            new = torch.where(found_inf != 0, v, new)
+        v.copy_(new)
+        if h["amsgrad"]:
+            vmax = state["max_exp_avg_sq"][i]
+            torch.maximum(vmax, v, out=vmax)
+
+
+# ----- the entry points -----------------------------------------------------------------------
+
+
+def run(rule: str, params: Sequence[Tensor], grads: Sequence[Tensor], state: dict[str, list[Tensor]],
+        steps: Sequence[float], group: dict, row_mean: RowMean | None = None, *,
+        grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+        clip_value: float | None = None) -> None:
+    """Apply ``rule`` to one (device, dtype) bucket in one kernel launch (see the package doc)."""
+    if not params:
+        return
+    owner = "backend 'triton'"
+    device = params[0].device
+    kind = _kind(owner, params[0].dtype)
+    for g in grads:
+        _kind(owner, g.dtype)
+    if clip_value is not None and not clip_value >= 0:
+        raise invalid(owner, "clip_value", clip_value, "must be >= 0")
+    kernel_name, keys, floats, switches, factors = _plan(rule, group, state, steps)
+    master = state.get("master_param")
+    if master is not None and kind == _KIND[torch.float32]:
+        raise invalid(owner, "master_param", "fp32 params", "master weights are for bfloat16/float16 params only")
+    coupled = rule == "coupled_adam"
+    if coupled:
+        # Before the layout copies, so a copied row already holds the new second moment.
+        _coupled_rows(list(grads), state, group, row_mean, grad_scale, found_inf, clip_value)
+    slot_lists = [list(state[k]) for k in keys] + ([list(master)] if master is not None else [])
+    ps, gs, ss, back = _layouts(params, grads, slot_lists, coupled)
+    block = BLOCK["cpu" if device.type == "cpu" else "cuda"]
+    rowlens = [max(1, p.numel() // p.shape[0]) if coupled and p.numel() else max(1, p.numel()) for p in ps]
+    tab = TABLES.get([ps, gs, *ss], rowlens, block)
+    if tab.nblocks:
+        # Step factors: runtime scalars when the bucket is on one step (no upload at all),
+        # else one small fp32 array per step (a late param: its own bias corrections).
+        uniform = all(f == factors[0] for f in factors)
+        f = tuple(factors[0]) + (0.0,) * (3 - len(factors[0]))
+        dummy = _dummy(device)
+        kernel = getattr(kernels(device), kernel_name)
+        kernel[(tab.nblocks,)](
+            tab.table, tab.blocks,
+            dummy if uniform else upload_factors(factors, device),
+            dummy if grad_scale is None else grad_scale,
+            dummy if found_inf is None else found_inf,
+            **floats, f0=float(f[0]), f1=float(f[1]), f2=float(f[2]),
+            clip=float(clip_value or 0.0),
+            W=tab.width, BLOCK=block, KIND=kind, GKIND=_KIND[gs[0].dtype], ALIGNED=tab.aligned,
+            PER_TENSOR=not uniform, HAS_SCALE=grad_scale is not None, HAS_FOUND=found_inf is not None,
+            HAS_CLIP=clip_value is not None, MASTER=master is not None, MSLOT=len(keys) + 2,
+            MAXIMIZE=bool(group.get("maximize", False)), **switches,
+            num_warps=NUM_WARPS, enable_fp_fusion=True,
+        )
+    for original, copy in back:
+        original.copy_(copy)
+
+
+def grad_norm(grads: Sequence[Tensor], norm_type: float = 2.0) -> tuple[Tensor, Tensor]:
+    """``(total_norm, finite)``: the norm of all ``grads`` together, as 0-d fp32 tensors.
+
+    Equals ``torch.nn.utils.get_total_norm(grads, norm_type)`` to fp32 rounding, for
+    ``norm_type`` 2 and inf, in one multi-tensor launch per (device, dtype) plus a sum (or
+    max) over the per-block partials: no host sync. ``finite`` is False when the norm is
+    inf or NaN (a NaN gradient makes the inf-norm inf, not NaN: its max drops NaNs).
+    """
+    owner = "grad_norm"
+    norm_type = float(norm_type)
+    if norm_type not in (2.0, math.inf):
+        raise invalid(owner, "norm_type", norm_type, "the Triton reduction supports 2 and inf")
+    grads = [g for g in grads if g is not None]
+    if not grads:
+        total = torch.zeros((), dtype=torch.float32)
+        return total, torch.isfinite(total)
+    device = grads[0].device
+    inf = norm_type == math.inf
+    buckets: dict[tuple, list[Tensor]] = {}
+    for g in grads:
+        _kind(owner, g.dtype)
+        buckets.setdefault((g.device, g.dtype), []).append(g if _dense(g) else g.contiguous())
+    parts = []
+    for (dev, dtype), gs in buckets.items():
+        block = BLOCK["cpu" if dev.type == "cpu" else "cuda"]
+        tab = TABLES.get([gs], [max(1, g.numel()) for g in gs], block)
+        if not tab.nblocks:
+            continue
+        partials = torch.empty(tab.nblocks, dtype=torch.float32, device=dev)
+        kernels(dev).norm_kernel[(tab.nblocks,)](
+            tab.table, tab.blocks, partials, W=tab.width, BLOCK=block, KIND=_KIND[dtype], ALIGNED=tab.aligned,
+            INF=inf, num_warps=NUM_WARPS, enable_fp_fusion=True,
+        )
+        parts.append((partials.max() if inf else partials.sum()).to(device))
+    if not parts:
+        total = torch.zeros((), dtype=torch.float32, device=device)
+    elif inf:
+        total = torch.stack(parts).max()
+    else:
+        total = torch.stack(parts).sum().sqrt()
+    return total, torch.isfinite(total)
