@@ -240,7 +240,8 @@ def _coupled_rows(grads: list[Tensor], state: dict[str, list[Tensor]], h: dict, 
     beta2 = h["betas"][1]
     for i, g in enumerate(grads):
         if clip_value is not None:
-            g = g.float() if grad_scale is None else g.float() * grad_scale
+            # A copy: g.float() of an fp32 grad is the grad itself, which must stay as it is.
+            g = g.to(torch.float32, copy=True) if grad_scale is None else g.float() * grad_scale
             local = g.clamp_(-clip_value, clip_value).square_().sum(0, keepdim=True)
         else:
             local = torch.linalg.vector_norm(g, 2, dim=0, keepdim=True, dtype=torch.float32).square_()
