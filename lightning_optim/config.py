@@ -53,6 +53,7 @@ class OptimizerConfig:
     maximize: Optional[bool] = None
     bias_correction: Optional[bool] = None
     coupling_scale: Optional[float] = None
+    master_weights: Optional[bool] = None
     backend: str = "auto"
 
     def __post_init__(self) -> None:

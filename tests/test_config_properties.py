@@ -52,6 +52,7 @@ VALID = {
     "maximize": st.booleans(),
     "bias_correction": st.booleans(),
     "coupling_scale": st.floats(1e-3, 10.0),
+    "master_weights": st.booleans(),
     "backend": st.sampled_from(["auto", "reference", "foreach"]),
 }
 
@@ -148,7 +149,8 @@ INVALID = {
     "backend": st.one_of(st.text(max_size=8).filter(lambda s: s not in ("auto", "reference", "foreach")),
                          st.integers(), st.lists(st.just("foreach"), max_size=1)),
 }
-for _flag in ("nesterov", "centered", "decoupled_weight_decay", "amsgrad", "maximize", "bias_correction"):
+for _flag in ("nesterov", "centered", "decoupled_weight_decay", "amsgrad", "maximize", "bias_correction",
+              "master_weights"):
     INVALID[_flag] = not_a_bool
 
 

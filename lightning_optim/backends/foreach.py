@@ -274,14 +274,21 @@ def run(rule: str, params, grads, state, steps, group, row_mean=None) -> None:
     """Apply ``rule`` to one (device, dtype) bucket with multi-tensor ops.
 
     Low-precision buckets are upcast to fp32 lists once, updated, and copied back once,
-    which keeps the math fp32 and lets the rule modify the grad copies in place.
+    which keeps the math fp32 and lets the rule modify the grad copies in place. With
+    master weights (``state["master_param"]``) the masters are the fp32 lists, updated in
+    place, and the params are copied from them (one rounding); the rule never sees them.
     ``row_mean`` is the reference's: it finishes ``coupled_adam``'s mean over dim 0.
     """
     fn = RULES[rule]
     extra = {"row_mean": row_mean} if rule == "coupled_adam" and row_mean is not None else {}
-    if params[0].dtype in (torch.float32, torch.float64):
+    masters = state.get("master_param")
+    if masters is not None:
+        state = {k: v for k, v in state.items() if k != "master_param"}
+        work = list(masters)
+    elif params[0].dtype in (torch.float32, torch.float64):
         fn(params, grads, state, steps, group, False, **extra)
         return
-    work = [p.float() for p in params]
+    else:
+        work = [p.float() for p in params]
     fn(work, [g.float() for g in grads], state, steps, group, True, **extra)
     torch._foreach_copy_(params, work)

@@ -244,13 +244,22 @@ def run(rule: str, params, grads, state, steps, group, row_mean: BucketRowMean |
     """Apply ``rule`` to one (device, dtype) bucket, one tensor at a time.
 
     Low-precision params are updated in an fp32 copy and rounded back once, so the math
-    is fp32 whatever the storage; their state is kept in fp32 by the optimizer.
+    is fp32 whatever the storage; their state is kept in fp32 by the optimizer. With
+    master weights (``state["master_param"]``: fp32 copies of bf16/fp16 params) the rule
+    updates the master itself instead of a fresh copy, and the param becomes its rounding;
+    the master is not a rule state, so the rule never sees it.
     ``row_mean(i, local_row_sum)``, for ``coupled_adam`` only, finishes the mean over dim 0
     of tensor ``i``; None means all its rows are here.
     """
     fn = RULES[rule]
+    masters = state.get("master_param")
+    if masters is not None:
+        state = {k: v for k, v in state.items() if k != "master_param"}
     for i, p in enumerate(params):
-        work = p if p.dtype in (torch.float32, torch.float64) else p.float()
+        if masters is not None:
+            work = masters[i]
+        else:
+            work = p if p.dtype in (torch.float32, torch.float64) else p.float()
         g = grads[i].to(work.dtype)
         s = {k: v[i] for k, v in state.items()}
         if rule == "coupled_adam" and row_mean is not None:

@@ -23,6 +23,7 @@ class Adagrad(Optimizer):
     Args:
         lr: :math:`\eta`. lr_decay: :math:`\delta`. weight_decay: L2 :math:`\lambda`.
         initial_accumulator_value: :math:`s_0`. eps: :math:`\epsilon`. maximize, backend.
+        master_weights: an fp32 master copy of bf16/fp16 params (see :class:`~lightning_optim.optim.Optimizer`).
 
     State: ``sum`` and ``step``.
     """
@@ -39,11 +40,13 @@ class Adagrad(Optimizer):
         eps: float = 1e-10,
         *,
         maximize: bool = False,
+        master_weights: bool = False,
         backend: str = "auto",
     ) -> None:
         defaults = dict(
             lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
             initial_accumulator_value=initial_accumulator_value, eps=eps, maximize=maximize,
+            master_weights=master_weights,
         )
         super().__init__(params, defaults, backend)
 

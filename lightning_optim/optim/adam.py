@@ -34,6 +34,7 @@ class Adam(Optimizer):
         weight_decay: :math:`\lambda`. amsgrad: use the running max of :math:`v`.
         decoupled_weight_decay: decay the weights instead of the gradient (AdamW).
         bias_correction: divide by :math:`1 - \beta^t`. maximize, backend.
+        master_weights: an fp32 master copy of bf16/fp16 params (see :class:`~lightning_optim.optim.Optimizer`).
 
     State: ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad), ``step``: torch's
     keys and shapes, so state dicts move between this class and ``torch.optim.Adam``.
@@ -53,12 +54,13 @@ class Adam(Optimizer):
         maximize: bool = False,
         decoupled_weight_decay: bool = False,
         bias_correction: bool = True,
+        master_weights: bool = False,
         backend: str = "auto",
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             maximize=maximize, decoupled_weight_decay=decoupled_weight_decay,
-            bias_correction=bias_correction,
+            bias_correction=bias_correction, master_weights=master_weights,
         )
         super().__init__(params, defaults, backend)
 
@@ -97,9 +99,11 @@ class AdamW(Adam):
         *,
         maximize: bool = False,
         bias_correction: bool = True,
+        master_weights: bool = False,
         backend: str = "auto",
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
-            decoupled_weight_decay=True, bias_correction=bias_correction, backend=backend,
+            decoupled_weight_decay=True, bias_correction=bias_correction,
+            master_weights=master_weights, backend=backend,
         )

@@ -62,12 +62,13 @@ class CoupledAdam(AdamW):
         bias_correction: bool = True,
         coupled: bool = False,
         coupling_scale: float = 1.0,
+        master_weights: bool = False,
         backend: str = "auto",
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             maximize=maximize, decoupled_weight_decay=True, bias_correction=bias_correction,
-            coupled=coupled, coupling_scale=coupling_scale,
+            coupled=coupled, coupling_scale=coupling_scale, master_weights=master_weights,
         )
         Optimizer.__init__(self, params, defaults, backend)
         if not any(g["coupled"] for g in self.param_groups):

@@ -25,6 +25,7 @@ class Lion(Optimizer):
     Args:
         lr: :math:`\eta` (default 1e-4). betas: :math:`(\beta_1, \beta_2)` (default
         (0.9, 0.99)). weight_decay: decoupled :math:`\lambda`. maximize, backend.
+        master_weights: an fp32 master copy of bf16/fp16 params (see :class:`~lightning_optim.optim.Optimizer`).
 
     State: ``exp_avg``, ``step``.
     """
@@ -39,9 +40,12 @@ class Lion(Optimizer):
         weight_decay: float = 0.0,
         *,
         maximize: bool = False,
+        master_weights: bool = False,
         backend: str = "auto",
     ) -> None:
-        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
+        defaults = dict(
+            lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, master_weights=master_weights,
+        )
         super().__init__(params, defaults, backend)
 
     def _validate(self, h, owner):

@@ -28,6 +28,7 @@ class NAdam(Optimizer):
     Args:
         lr, betas, eps, weight_decay, momentum_decay: :math:`\psi`,
         decoupled_weight_decay, maximize, backend.
+        master_weights: an fp32 master copy of bf16/fp16 params (see :class:`~lightning_optim.optim.Optimizer`).
 
     State: ``exp_avg``, ``exp_avg_sq``, ``mu_product`` (:math:`\Pi_t`, a float32 scalar), ``step``.
     """
@@ -45,11 +46,12 @@ class NAdam(Optimizer):
         decoupled_weight_decay: bool = False,
         *,
         maximize: bool = False,
+        master_weights: bool = False,
         backend: str = "auto",
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum_decay=momentum_decay,
-            decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
+            decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, master_weights=master_weights,
         )
         super().__init__(params, defaults, backend)
 

@@ -27,6 +27,7 @@ class RMSprop(Optimizer):
         lr: :math:`\eta`. alpha: :math:`\alpha`, the smoothing constant. eps:
         :math:`\epsilon`. weight_decay: L2 :math:`\lambda`. momentum: :math:`\mu`.
         centered: normalize by the estimated variance. maximize, backend.
+        master_weights: an fp32 master copy of bf16/fp16 params (see :class:`~lightning_optim.optim.Optimizer`).
 
     State: ``square_avg``, ``momentum_buffer`` (momentum > 0), ``grad_avg`` (centered), ``step``.
     """
@@ -44,11 +45,12 @@ class RMSprop(Optimizer):
         centered: bool = False,
         *,
         maximize: bool = False,
+        master_weights: bool = False,
         backend: str = "auto",
     ) -> None:
         defaults = dict(
             lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
-            centered=centered, maximize=maximize,
+            centered=centered, maximize=maximize, master_weights=master_weights,
         )
         super().__init__(params, defaults, backend)
 

@@ -26,6 +26,7 @@ class SGD(Optimizer):
         the first step). weight_decay: L2 penalty :math:`\lambda` added to the gradient.
         nesterov: use the look-ahead form (needs momentum > 0 and dampening = 0).
         maximize: ascend instead. backend: see :mod:`lightning_optim.backends`.
+        master_weights: an fp32 master copy of bf16/fp16 params (see :class:`~lightning_optim.optim.Optimizer`).
 
     State: ``momentum_buffer`` (when momentum != 0) and ``step``.
     """
@@ -42,11 +43,12 @@ class SGD(Optimizer):
         nesterov: bool = False,
         *,
         maximize: bool = False,
+        master_weights: bool = False,
         backend: str = "auto",
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-            nesterov=nesterov, maximize=maximize,
+            nesterov=nesterov, maximize=maximize, master_weights=master_weights,
         )
         super().__init__(params, defaults, backend)
 

@@ -30,6 +30,7 @@ class Yogi(Optimizer):
         lr: default 1e-2. betas: default (0.9, 0.999). eps: default 1e-3 (the paper's
         choice; larger than Adam's because v starts tiny). initial_accumulator_value:
         :math:`v_0`, default 1e-6. weight_decay: decoupled :math:`\lambda`. maximize, backend.
+        master_weights: an fp32 master copy of bf16/fp16 params (see :class:`~lightning_optim.optim.Optimizer`).
 
     State: ``exp_avg``, ``exp_avg_sq``, ``step``.
     """
@@ -46,11 +47,12 @@ class Yogi(Optimizer):
         weight_decay: float = 0.0,
         *,
         maximize: bool = False,
+        master_weights: bool = False,
         backend: str = "auto",
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, initial_accumulator_value=initial_accumulator_value,
-            weight_decay=weight_decay, maximize=maximize,
+            weight_decay=weight_decay, maximize=maximize, master_weights=master_weights,
         )
         super().__init__(params, defaults, backend)
 
