@@ -379,6 +379,30 @@ class MomentMonitor(Callback):
         self._pending_step: int | None = None
         self._last_clips: dict[str, int] = {}
         self._last_step = 0
+        self._pending_state: dict[str, Any] | None = None
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """What the first log after a resume needs to read as an uninterrupted run's: the
+        drift references (``v_drift``, ``v_log_ratio``) and the clip counts and step of the
+        previous log (``clipped_fraction``)."""
+        if self.stats is None and self._pending_state is not None:
+            return dict(self._pending_state)  # resumed, no log yet: pass the state on
+        return {"stats": self.stats.state_dict() if self.stats is not None else None,
+                "last_clips": dict(self._last_clips), "last_step": self._last_step}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_clips = dict(state_dict.get("last_clips", {}))
+        self._last_step = int(state_dict.get("last_step", 0))
+        self._pending_state = dict(state_dict)  # the stats are built at the first log
+        if self.stats is not None:
+            self._apply_pending_state()
+
+    def _apply_pending_state(self) -> None:
+        state, self._pending_state = self._pending_state, None
+        if state is not None and state.get("stats") is not None:
+            self.stats.load_state_dict(state["stats"])
 
     @classmethod
     def from_config(cls, node: Any) -> MomentMonitor | None:
@@ -410,6 +434,7 @@ class MomentMonitor(Callback):
             self.stats = MomentStats(optimizer, stats=c.stats, include=c.include, exclude=c.exclude,
                                      drift_max_elements=c.drift_max_elements)
             self._optimizer = optimizer
+            self._apply_pending_state()
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:

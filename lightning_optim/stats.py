@@ -535,10 +535,14 @@ class MomentStats:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         devices = {n: p.device for n, p, _ in self.tracked()}
+        # A sharded tensor's drift reference is one rank's subsample (a checkpoint holds rank
+        # zero's), not another rank's: leave it out, on every rank alike, so the first drift
+        # after a resume is absent everywhere rather than computed from the wrong shard.
+        sharded = {n for n, p, _ in self.tracked() if sharding.shard_groups(p)}
         for key, target in (("prev_v", self._prev_v), ("prev_mean", self._prev_mean)):
             target.clear()
             for n, t in state.get(key, {}).items():
-                if n in devices:
+                if n in devices and not (key == "prev_v" and n in sharded):
                     target[n] = t.detach().to(devices[n], non_blocking=True).clone()
         if state.get("drift_max_elements", self.drift_max_elements) != self.drift_max_elements:
             self._prev_v.clear()  # another subsample: not comparable

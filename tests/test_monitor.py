@@ -172,3 +172,35 @@ def test_ddp_statistics_are_rank_consistent(tmp_path):
         assert a.keys() == b.keys()
         for key in a:
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-12), key
+
+
+def test_the_first_log_after_a_resume_reads_as_an_uninterrupted_runs(tmp_path):
+    """The monitor's state (drift references, the previous log's clip counts) is in the
+    checkpoint: v_drift, v_log_ratio and clipped_fraction at step 6 of a run resumed from step
+    4 equal those of a run that never stopped."""
+    import csv
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    import lightning_optim as lo
+
+    def run(name, max_steps, ckpt_path=None):
+        pl.seed_everything(0)
+        callbacks = [OptimizerCallback(optimizer={"name": "coupled_adam", "lr": 1e-2},
+                                       clipping={"mode": "norm", "max_norm": 0.5}),
+                     MomentMonitor(every_n_steps=2, expensive_every_n_steps=100),
+                     ModelCheckpoint(dirpath=tmp_path / name, every_n_train_steps=4, save_top_k=-1)]
+        loader = lo.ResumableDataLoader(data().dataset, batch_size=16, shuffle=False)
+        t = trainer(callbacks, max_steps=max_steps, enable_checkpointing=True,
+                    logger=CSVLogger(tmp_path, name=name, version=0))
+        t.fit(BareLM(), loader, ckpt_path=ckpt_path)
+        with open(tmp_path / name / "version_0" / "metrics.csv") as f:
+            return {int(r["step"]): r for r in csv.DictReader(f) if r.get("optim/v_drift/embed.weight")}
+
+    whole = run("whole", 6)
+    run("first", 4)
+    resumed = run("resumed", 6, ckpt_path=str(next((tmp_path / "first").glob("*step=4*.ckpt"))))
+    keys = [k for k in whole[6] if k.startswith(("optim/v_drift/", "optim/v_log_ratio/", "optim/clipped_fraction/"))]
+    assert len(keys) >= 8
+    for k in keys:
+        assert resumed[6][k] != "" and float(resumed[6][k]) == pytest.approx(float(whole[6][k]), rel=1e-6), k
