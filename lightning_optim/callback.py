@@ -238,6 +238,7 @@ class OptimizerCallback(Callback):
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        unscale_for_fused_amp(trainer, optimizer)
         if self.accumulator is not None:
             scale = self.accumulator.partial_window_scale()
             if scale != 1.0:
@@ -304,6 +305,26 @@ class OptimizerCallback(Callback):
                 fit_loop._data_fetcher.teardown()  # stops the workers of the iterator started early
                 fit_loop._data_fetcher = None
             fit_loop._combined_loader = None
+
+
+def unscale_for_fused_amp(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
+    """Unscale the AMP gradients before clipping and statistics read them, once per step.
+
+    Lightning's ``MixedPrecision`` plugin unscales before ``on_before_optimizer_step``, except
+    for optimizers that take the scale themselves (``_step_supports_amp_scaling``: our
+    ``triton`` backend, torch's ``fused=True`` Adam): for those it leaves the gradients
+    scaled, and a clip norm or a statistic would be off by the scale. ``GradScaler.unscale_``
+    launches kernels only (no host sync) and records ``found_inf``; the fused step then
+    gets ``grad_scale=None`` and applies only ``found_inf``, on the device."""
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return
+    from torch.amp.grad_scaler import OptState
+
+    if scaler._per_optimizer_states[id(optimizer)]["stage"] is OptState.READY:
+        scaler.unscale_(optimizer)
 
 
 def _describe(result: Any) -> str:
@@ -441,6 +462,7 @@ class MomentMonitor(Callback):
         step = trainer.global_step + 1  # the step about to be taken, 1-based
         if step % self.config.every_n_steps:
             return
+        unscale_for_fused_amp(trainer, optimizer)
         self._ensure_stats(optimizer)
         self.stats.before_step(update_ratio=self.config.update_ratio)
         self._pending_step = step

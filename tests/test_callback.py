@@ -319,10 +319,15 @@ def test_precision_plugins(precision):
     assert sum(model.losses[-4:]) < sum(model.losses[:4])
 
 
-def test_fp16_clipping_sees_unscaled_gradients():
+@pytest.mark.parametrize("backend", ["foreach", "triton"])
+def test_fp16_clipping_sees_unscaled_gradients(backend, monkeypatch):
     """16-mixed with a GradScaler (on CPU through Lightning's MixedPrecision plugin): the
-    callback clips after unscaling, so the logged pre-clip norm is the true one, not scaled."""
+    callback clips after unscaling, so the logged pre-clip norm is the true one, not scaled.
+    Lightning leaves the grads scaled for an optimizer that takes the scale itself (the
+    triton backend): the callback unscales them then (triton runs interpreted here)."""
     from lightning.pytorch.plugins.precision import MixedPrecision
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
     torch.manual_seed(0)
     model = Regression()
@@ -334,7 +339,7 @@ def test_fp16_clipping_sees_unscaled_gradients():
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             seen["norm"] = torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in pl_module.parameters()])).item()
 
-    cb = OptimizerCallback(optimizer={"name": "sgd", "lr": 0.1}, clipping={"mode": "norm", "max_norm": 1e6})
+    cb = OptimizerCallback(optimizer={"name": "sgd", "lr": 0.1, "backend": backend}, clipping={"mode": "norm", "max_norm": 1e6})
     plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))
     trainer([cb, Spy()], max_steps=1, plugins=[plugin]).fit(model, loader)
     x, y = next(iter(loader))

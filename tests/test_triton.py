@@ -251,6 +251,73 @@ def test_found_inf_is_a_no_op(rule, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rule", list(RULES))
+def test_kernel_with_device_step_counts(rule, device):
+    """``steps`` as float32 0-d device tensors (the optimizer's format on this backend): the
+    step prologue computes every factor from t on the device, per tensor, as the reference
+    does from the floats; NAdam's mu_product (on the device too) advances once per tensor."""
+    gen = torch.Generator().manual_seed(12)
+    shapes = COUPLED_SHAPES if rule == "coupled_adam" else SHAPES
+    params, grads, state = bucket(rule, shapes, torch.float32, device, gen)
+    if "mu_product" in state:
+        state["mu_product"] = [t.to(device) for t in state["mu_product"]]
+    group = RULES[rule][0]
+    for it in range(3 if rule != "radam" else 5):
+        steps = [2.0 + it, 5.0 + it, 1.0 + it, 3.0 + it][:len(params)]
+        before = clone(params)
+        P, S = reference_run(rule, params, grads, state, steps, group)
+        launcher.run(rule, params, grads, state, [torch.tensor(t, device=device) for t in steps], group)
+        assert_bucket(P, S, params, state, f"{rule} step {it}", before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_steps_must_be_on_the_params_device(device):
+    p, g = torch.ones(3, device=device), torch.ones(3, device=device)
+    state = {"exp_avg": [torch.zeros(3, device=device)], "exp_avg_sq": [torch.zeros(3, device=device)]}
+    with pytest.raises(ValueError, match="float32 0-d tensors"):
+        launcher.run("adam", [p], [g], state, [torch.tensor(1.0, dtype=torch.float64)], RULES["adam"][0])
+
+
+@pytest.mark.parametrize("rule", ["sgd", "adagrad", "adam", "nadam", "radam"])
+def test_step_prologue_factors_equal_the_host_factors(rule):
+    """The prologue's fp64 factors, rounded once to fp32, equal the host's float64 factors
+    rounded once, from the first step to counts beyond fp32's 2^24 (e.g. loaded)."""
+    h = dict(lr=3e-4, betas=(0.9, 0.999), momentum_decay=4e-3, bias_correction=True, dampening=0.1, lr_decay=0.01)
+    ts = torch.tensor([1.0, 2.0, 5.0, 6.0, 7.0, 10.0, 100.0, 12345.0, 1e6, 2.0**24, 2.0**25 + 4, 3e9]).tolist()
+    state = {"mu_product": [torch.tensor(1.0) for _ in ts]}
+    got = launcher._device_factors(rule, h, state, [torch.tensor(t) for t in ts], None, torch.device("cpu"))
+    if rule == "sgd":
+        expected = [(1.0 if t == 1 else 1 - h["dampening"],) for t in ts]
+    elif rule == "adagrad":
+        expected = [(-h["lr"] / (1 + (t - 1) * h["lr_decay"]),) for t in ts]
+    elif rule == "adam":
+        expected = [launcher._bias(h, t) for t in ts]
+    elif rule == "radam":
+        expected = launcher._radam_factors(h, ts)
+    else:
+        expected = launcher._nadam_factors(h, ts, [torch.tensor(1.0) for _ in ts])
+        mus = [h["betas"][0] * (1 - 0.5 * 0.96 ** (t * h["momentum_decay"])) for t in ts]
+        assert torch.equal(torch.stack(state["mu_product"]), torch.tensor(mus, dtype=torch.float32))
+    for i, row in enumerate(expected):
+        want = torch.tensor(row + (0.0,) * (3 - len(row)), dtype=torch.float32)
+        assert torch.equal(got[i, :3], want), (rule, ts[i], got[i, :3], want)
+
+
+def test_step_prologue_compiles_for_cuda():
+    """The step prologue (fp64 factor math) compiles for an sm_90 GPU, for every rule."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = launcher.kernels(torch.device("cuda")).factors_kernel
+    signature = {p.name: "*i64" if p.name == "table" else "*fp32" if p.name in ("factors", "found_inf")
+                 else "i32" if p.name == "n" else "fp32" for p in fn.params if not p.is_constexpr}
+    for code in range(5):
+        src = ASTSource(fn=fn, signature=signature,
+                        constexprs=dict(W=4, BLOCK=launcher.PROLOGUE_BLOCK, RULE=code, BIAS=True, HAS_FOUND=True))
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={})
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_one_launch_for_many_tensors(device, monkeypatch):
     """40 tensors, one launch, each tensor updated as by the reference."""
     gen = torch.Generator().manual_seed(5)

@@ -13,7 +13,10 @@ is opt-in, and ``auto`` does not pick it on CUDA (:data:`AUTO_PICKS_TRITON`).
 
 An optimizer resolves its ``backend`` argument once, at construction, with
 :func:`resolve`, and calls :func:`runner` for the function that updates a bucket:
-``run(rule, params, grads, state, steps, group)``.
+``run(rule, params, grads, state, steps, group)``. ``steps`` are the step counts after this
+step's increment: Python floats for ``reference`` and ``foreach`` (read from CPU step tensors),
+the float32 0-d device step tensors themselves for ``triton``, which reads them on the device
+(so its step needs no host sync and can be captured in a CUDA graph; see :mod:`.triton`).
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ torch's key names). This class does the rest, the same way for all of them:
 
 1. ``step`` gathers the parameters that have a gradient into buckets by (device, dtype),
    creating state lazily, and counts each parameter's ``step`` (a CPU float32 tensor, as
-   torch keeps it, so reading it never syncs a GPU);
+   torch keeps it, so reading it never syncs a GPU; on the triton backend a float32 0-d
+   tensor on the param's device, as torch keeps it with ``fused=True``/``capturable=True``,
+   counted and read on the device only: see "Device step counts" below);
 2. the resolved backend updates each bucket;
 3. ``load_state_dict`` checks the shapes of what it loads, keeps fp32 state for bf16/fp16
    params (torch would cast it down to the param dtype), and fills options a torch
@@ -24,6 +26,18 @@ fp32/fp64 params never get one: for them the option does nothing. The master is 
 optimizer's setting, not the state dict's: ``load_state_dict`` keeps each group's
 ``master_weights`` as this optimizer has it, creates a missing master from the loaded
 param (warning once) and drops one that is not wanted (warning once).
+
+Device step counts (the triton backend). ``state["step"]`` and NAdam's ``state["mu_product"]``
+live on the param's device (created there lazily; ``load_state_dict`` puts loaded ones there,
+so torch's fused/capturable state dicts load either way). A step never reads them on the
+host: it adds 1 on the device, and the triton prologue kernel computes the step-dependent
+factors from them. That, with AMP's ``grad_scale``/``found_inf`` taken on the device, leaves
+no per-step host value in the step, so it can be captured in a CUDA graph. AMP:
+``_step_supports_amp_scaling`` is True on the triton backend, so ``torch.amp.GradScaler.step``
+sets ``grad_scale`` (None when already unscaled) and ``found_inf`` on the optimizer and calls
+``step``: the kernel divides the gradients by ``grad_scale`` (times any ``scale_next_step``
+coefficient), and a set ``found_inf`` makes the launch a no-op and takes the count back
+(``t -= found_inf``, as torch's fused Adam), leaving ``mu_product`` as it was.
 """
 
 from __future__ import annotations
@@ -92,6 +106,16 @@ class Optimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.backend = backends.resolve(self._owner, backend, chain.from_iterable(g["params"] for g in self.param_groups))
         self._run = backends.runner(self.backend)
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """GradScaler's protocol: the triton step takes ``grad_scale``/``found_inf`` itself."""
+        return self._device_steps
+
+    @property
+    def _device_steps(self) -> bool:
+        """Step counts (and ``mu_product``) on the params' device, never read by the host."""
+        return getattr(self, "backend", None) == "triton"
 
     # ----- what a rule class provides -------------------------------------------------------
 
@@ -166,6 +190,10 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        on_device = self._device_steps
+        # Set by torch.amp.GradScaler.step around this call (see the module docstring).
+        amp_scale = getattr(self, "grad_scale", None) if on_device else None
+        amp_found = getattr(self, "found_inf", None) if on_device else None
         for gi, group in enumerate(self.param_groups):
             keys = self._state_keys(group)
             buckets: dict[tuple, tuple[list, list, dict[str, list], list, list]] = {}
@@ -182,6 +210,8 @@ class Optimizer(torch.optim.Optimizer):
                 if not state:
                     state.update(self._init_state(p, group))
                     state["step"] = scalar()
+                if on_device:
+                    self._scalars_to(state, p.device)
                 # The same for every param of a bucket: one group, one dtype.
                 master = self._sync_master(p, state, group)
                 bucket = buckets.get((p.device, p.dtype))
@@ -199,8 +229,18 @@ class Optimizer(torch.optim.Optimizer):
             rule = self._rule(group)
             for params, grads, state_lists, step_tensors, originals in buckets.values():
                 torch._foreach_add_(step_tensors, 1.0)
-                steps = torch.stack(step_tensors).tolist()
                 hook = sharding.row_mean(originals) if rule == "coupled_adam" else None
+                if on_device:
+                    # The device step tensors themselves: the backend reads t on the device.
+                    found = None
+                    if amp_found is not None:  # a skipped step is not counted (torch's fused Adam)
+                        # 0 or 1 (GradScaler sums the flags of several devices), as a 0-d tensor.
+                        found = amp_found.to(device=params[0].device, non_blocking=True).reshape(()).ne(0).float()
+                        torch._foreach_sub_(step_tensors, [found] * len(step_tensors))
+                    self._run(rule, params, grads, state_lists, step_tensors, group, row_mean=hook,
+                              found_inf=found, **self._gradient_transform(gi, grads, amp_scale))
+                    continue
+                steps = torch.stack(step_tensors).tolist()
                 self._run(rule, params, grads, state_lists, steps, group, row_mean=hook,
                           **self._gradient_transform(gi, grads))
         self._next_transforms.clear()
@@ -223,16 +263,21 @@ class Optimizer(torch.optim.Optimizer):
         else:
             self._next_transforms[group_index] = (grad_scale, clip_value)
 
-    def _gradient_transform(self, group_index: int, grads: list[Tensor]) -> dict[str, Any]:
+    def _gradient_transform(self, group_index: int, grads: list[Tensor],
+                            amp_scale: Tensor | None = None) -> dict[str, Any]:
         """The pending ``scale_next_step`` of a group: keyword arguments for the triton
-        backend, or applied here to ``grads`` for the others."""
+        backend, or applied here to ``grads`` for the others. ``amp_scale`` (triton only):
+        GradScaler's ``grad_scale``, which the gradients are divided by, on the device."""
         pending = self._next_transforms.get(group_index)
-        if pending is None:
+        if pending is None and amp_scale is None:
             return {}
-        scale, bound = pending
+        scale, bound = pending if pending is not None else (None, None)
         device = grads[0].device
         scale = None if scale is None else scale.to(device=device, dtype=torch.float32, non_blocking=True)
         if self.backend == "triton":
+            if amp_scale is not None:
+                amp_scale = amp_scale.to(device=device, dtype=torch.float32, non_blocking=True)
+                scale = amp_scale.reciprocal() if scale is None else scale / amp_scale
             return {"grad_scale": scale, "clip_value": bound}
         if scale is not None:  # the fp32 coefficient, as the clipper's own pass multiplies
             torch._foreach_mul_(grads, scale)
@@ -288,12 +333,12 @@ class Optimizer(torch.optim.Optimizer):
                 if not isinstance(value, Tensor):
                     continue
                 if key in _SCALAR_KEYS:
-                    state[key] = value.detach().to(device="cpu", dtype=torch.float32, copy=True)
+                    state[key] = value.detach().to(device=self._scalar_device(p), dtype=torch.float32, copy=True)
                 elif value.is_floating_point():
                     state[key] = value.detach().to(device=p.device, dtype=state_dtype(p), copy=True)
             if "step" not in state:
                 # torch.optim.SGD keeps no step; a loaded buffer means the first step is behind us.
-                state["step"] = scalar(1.0)
+                state["step"] = scalar(1.0).to(self._scalar_device(p))
         for group, master in zip(self.param_groups, masters):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -305,6 +350,19 @@ class Optimizer(torch.optim.Optimizer):
         self._sync_loaded_masters()
 
     # ----- helpers ---------------------------------------------------------------------------
+
+    def _scalar_device(self, p: Tensor) -> torch.device:
+        """Where ``step``/``mu_product`` of ``p`` live: its device on triton, else the CPU."""
+        return p.device if self._device_steps else torch.device("cpu")
+
+    @staticmethod
+    def _scalars_to(state: dict[str, Any], device: torch.device) -> None:
+        """Move ``step``/``mu_product`` to ``device`` once (fresh CPU ones, or state set by
+        hand): a no-op, without a copy, when they are there already."""
+        for key in _SCALAR_KEYS:
+            value = state.get(key)
+            if isinstance(value, Tensor) and value.device != device:
+                state[key] = value.to(device=device, dtype=torch.float32)
 
     def _check_loaded(self, entry: dict, p: Tensor, group: dict, mine: dict, j: int) -> None:
         if not entry:

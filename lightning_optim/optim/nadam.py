@@ -30,7 +30,8 @@ class NAdam(Optimizer):
         decoupled_weight_decay, maximize, backend.
         master_weights: an fp32 master copy of bf16/fp16 params (see :class:`~lightning_optim.optim.Optimizer`).
 
-    State: ``exp_avg``, ``exp_avg_sq``, ``mu_product`` (:math:`\Pi_t`, a float32 scalar), ``step``.
+    State: ``exp_avg``, ``exp_avg_sq``, ``mu_product`` (:math:`\Pi_t`, a float32 scalar: on the CPU,
+    or on the param's device with ``backend="triton"``, which updates it there), ``step``.
     """
 
     rule = "nadam"

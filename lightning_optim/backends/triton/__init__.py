@@ -18,24 +18,37 @@ One launch per bucket
 What reaches the kernel, and how
     Hyperparameters (lr, betas, eps, the decay factor ``1 - lr * wd``...) are runtime fp32
     kernel arguments: Triton never specializes on float values, so a scheduler changing lr
-    every step reuses the same compiled kernel. Step-dependent factors (bias corrections
-    folded into ``-lr / (1 - beta1^t)`` and ``1 / sqrt(1 - beta2^t)``, AdaGrad's decayed
-    lr, NAdam's momentum-schedule coefficients, RAdam's rectification, SGD's first-step
-    dampening) are computed on the host in float64 from the ``steps`` floats that
-    ``Optimizer.step`` reads from CPU step tensors (no device sync), exactly as the
-    reference computes them. When every tensor of the bucket is on the same step (the
-    usual case) they are three more scalar arguments; when the counts differ (a param
-    that first got a gradient late) they go in one small fp32 ``(n, 4)`` array, uploaded
-    from pinned memory without blocking. Only options that change the code (amsgrad,
+    every step reuses the same compiled kernel. Only options that change the code (amsgrad,
     nesterov, centered, maximize, weight decay on/off, decoupled, dtype) are compile-time
     switches: a handful of variants per rule, each compiled once.
 
-    Per-step host work: one ``data_ptr`` per tensor and slot (the cache key), the factors
-    (O(#tensors) floats only when counts differ, else O(1)), one launch. What stops a
-    CUDA graph from capturing the step is that host work: the step counts and factors are
-    Python floats, and a captured launch would replay them frozen. A capturable variant
-    needs device-side step counts (``capturable=True`` in torch) and the factors computed
-    in-kernel from them; NAdam's ``mu_product`` would move to the device too.
+Step counts on the device, and the step prologue
+    ``Optimizer.step`` keeps each param's ``step`` (and NAdam's ``mu_product``) as a float32
+    0-d tensor on the param's device (torch's ``fused=True``/``capturable=True`` format),
+    adds 1 on the device (``torch._foreach_add_``), and passes the step tensors themselves
+    as ``steps``. Nothing reads them on the host. Per bucket, one small launch of
+    ``factors_kernel`` (the step prologue) reads every ``t_i`` through a cached table of
+    the step tensors' addresses and writes the step-dependent factors, per tensor, into an
+    fp32 ``(n, 4)`` device array the elementwise kernel reads: the bias corrections
+    folded into ``-lr / (1 - beta1^t)`` and ``1 / sqrt(1 - beta2^t)``, AdaGrad's decayed
+    lr, NAdam's momentum-schedule coefficients, RAdam's rectification, SGD's undampened
+    first step. The prologue computes in float64 as the reference does on the host
+    (``beta^t`` by repeated squaring of the integer t, ~1e-14 relative; fp64
+    hyperparameters arrive as two fp32 arguments each, hi + lo, since Triton passes Python
+    floats as fp32), and rounds each factor once to fp32: the same values as host factors,
+    to an ulp. NAdam: the prologue also does ``mu_product *= mu_t``, once per tensor and
+    step (one lane per tensor, not per block), skipped when ``found_inf`` is set. Tensors
+    on different counts in one bucket (a param that first got a gradient late) cost
+    nothing extra. RMSprop and Lion have no step factor and no prologue.
+
+    ``steps`` may also be Python floats (the backend signature the reference and foreach
+    backends take; the direct launcher tests use it): then the factors are computed on
+    the host in float64 and passed as three scalars, or as an uploaded ``(n, 4)`` array
+    when the counts differ, and NAdam's ``mu_product`` must be on the CPU.
+
+    Per-step host work: one ``data_ptr`` per tensor and slot (the table cache keys), the
+    hyperparameters as kernel arguments, two launches (one for RMSprop and Lion), plus the
+    foreach increment of the counts. None of it depends on a tensor's value.
 
 Precision
     Loads upcast to fp32, the math is fp32 in registers, stores round once (bf16 by hand to
@@ -45,13 +58,53 @@ Precision
     master and writes the param as its rounding. float64 is rejected
     (:class:`~lightning_optim.validation.ConfigurationError`): use the foreach backend.
 
-Fused clipping hooks (for :mod:`lightning_optim.clipping`)
+Fused clipping and AMP hooks (for :mod:`lightning_optim.clipping` and ``torch.amp``)
     ``run(..., grad_scale=t, found_inf=f, clip_value=c)``: every gradient is multiplied by
     the 0-d device tensor ``t`` (clip-by-norm coefficient, AMP unscale), then clamped to
     [-c, c], before the rule; when the 0-d tensor ``f`` is nonzero every load and store of
-    the launch is masked off, so the step changes no tensor (the host-side step counts,
-    and NAdam's CPU ``mu_product``, still advance: the caller owns those). ``grad_norm``
-    is the matching multi-tensor norm (2 or inf) with a finite flag, without a host sync.
+    the launch is masked off, so the step changes no tensor, and the prologue leaves
+    ``mu_product`` alone. The step counts are the caller's: ``Optimizer.step`` takes a
+    skipped step back with ``t -= found_inf`` on the device, as torch's fused Adam does
+    (with host ``steps`` floats the counts and a CPU ``mu_product`` still advance).
+    ``grad_norm`` is the matching multi-tensor norm (2 or inf) with a finite flag, without
+    a host sync.
+
+    ``torch.amp.GradScaler``: the optimizers set ``_step_supports_amp_scaling`` on this
+    backend, so ``scaler.step(opt)`` does not unscale the gradients or read ``found_inf``
+    on the host; it sets ``opt.grad_scale`` (None when ``scaler.unscale_(opt)`` already
+    ran, e.g. to clip first) and ``opt.found_inf`` and calls ``opt.step()``, which passes
+    ``grad_scale = coef / opt.grad_scale`` (``coef``: a pending ``scale_next_step``
+    coefficient, else 1) and ``found_inf`` to the kernel. An inf/NaN step is then skipped
+    on the device: params, state, ``step`` and ``mu_product`` unchanged, bit for bit, and
+    ``scaler.update()`` backs the scale off as usual. Caveat, Lightning 2.6: its
+    ``MixedPrecision`` plugin (16-mixed) does not call ``unscale_`` for an optimizer with
+    ``_step_supports_amp_scaling`` (and refuses ``gradient_clip_val``), so callbacks'
+    ``on_before_optimizer_step`` see scaled gradients unless one of them calls
+    ``trainer.precision_plugin.scaler.unscale_(optimizer)`` first (no host sync either).
+
+Capturing the step in a CUDA graph
+    With the counts and AMP's flags on the device, a step has no host work that changes
+    from step to step, so ``torch.cuda.graphs`` can capture ``opt.step()``:
+
+    1. keep the grads static: allocate ``p.grad`` once and ``copy_`` new gradients into it
+       (or capture backward too); never ``zero_grad(set_to_none=True)`` between replays.
+       Params and state must not be reallocated either (the table cache holds addresses);
+    2. warm up a few eager steps on a side stream first: that creates the state, builds
+       and uploads the address tables, and compiles the kernels, none of which may happen
+       during capture;
+    3. capture ``opt.step()`` (or the whole training step) in ``torch.cuda.graph(g)`` and
+       ``g.replay()`` it. The counts and NAdam's ``mu_product`` advance on the device at
+       each replay; AMP's ``grad_scale``/``found_inf`` are read from their tensors at
+       replay time, if the same tensors are used (a captured GradScaler needs its scale
+       and found_inf buffers static: capture ``scaler.step`` as torch documents for
+       capturable optimizers).
+
+    Limitation: every hyperparameter, lr included, is a Python float, baked into the
+    captured launch as a kernel argument. A scheduler that changes ``lr`` has no effect on
+    a replayed graph: re-capture after changing it, or keep lr constant while captured
+    (a 0-d device-tensor ``lr`` is not supported yet). ``scale_next_step`` coefficients
+    are tensors and replay fine if the same tensor is refilled; a ``clip_value`` bound is
+    a float, baked in.
 
 Bytes moved per parameter (E = bytes of a param/grad element: 4 fp32, 2 bf16/fp16; state
 is fp32, 4 bytes; "rw" = read and written). Each is the minimum for the rule, and the
@@ -109,7 +162,8 @@ def run(rule, params, grads, state, steps, group, row_mean=None, *, grad_scale=N
     """Apply ``rule`` to one (device, dtype) bucket in one fused launch.
 
     The backend signature ``run(rule, params, grads, state, steps, group, row_mean=None)``
-    plus the fused-clip hooks ``grad_scale``, ``found_inf`` and ``clip_value`` (see the
+    (``steps``: the counts after this step's increment, float32 0-d tensors on the params'
+    device, or Python floats; see the module docstring) plus the fused-clip hooks ``grad_scale``, ``found_inf`` and ``clip_value`` (see the
     module docstring). ``row_mean(i, local_sum)``: Coupled Adam's hook turning the local
     sum over dim 0 of g^2 (fp32, shape (1, *shape[1:])) into the global mean.
     """

@@ -470,6 +470,107 @@ def lion_kernel(table, blocks, factors, grad_scale, found_inf, lr, decay, beta1,
                     KIND, GKIND, ALIGNED, MASTER, MSLOT, HAS_SCALE, HAS_CLIP, MAXIMIZE, WD)
 
 
+# ----- the step prologue: step-dependent factors from device step counts ---------------------
+
+# RULE of factors_kernel: which factors to compute (rmsprop and lion have none).
+P_SGD: tl.constexpr = tl.constexpr(0)
+P_ADAGRAD: tl.constexpr = tl.constexpr(1)
+P_ADAM: tl.constexpr = tl.constexpr(2)
+P_NADAM: tl.constexpr = tl.constexpr(3)
+P_RADAM: tl.constexpr = tl.constexpr(4)
+
+
+@triton.jit
+def _f64(hi, lo):
+    """A float64 hyperparameter passed as two fp32 kernel arguments, hi + lo (Triton passes
+    Python floats as fp32; 1 - beta2 needs more than fp32's 24 bits)."""
+    return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
+
+
+@triton.jit
+def _powi(base, e):
+    """``base ** e`` in float64 for integer ``e`` in [0, 2^32), by squaring: at most 64 fp64
+    products, ~1e-14 relative. (Counting in fp32 stops at 2^24, where t + 1 == t; a larger
+    count can only come from a state dict, and the caller clamps it below 2^32.)"""
+    r = tl.full(e.shape, 1.0, tl.float64)
+    b = base
+    for k in tl.static_range(32):
+        r = tl.where(((e >> k) & 1) == 1, r * b, r)
+        b = b * b
+    return r
+
+
+@triton.jit
+def factors_kernel(table, factors, found_inf, n, lr_hi, lr_lo, b1_hi, b1_lo, b2_hi, b2_lo, c_hi, c_lo,
+                   W: tl.constexpr, BLOCK: tl.constexpr, RULE: tl.constexpr, BIAS: tl.constexpr,
+                   HAS_FOUND: tl.constexpr):
+    """Per-tensor step factors ``factors[i, 0:3]`` (fp32) from the device step count
+    ``t_i`` (slot 0 of table row i, after this step's increment), in float64 as the
+    reference computes them on the host; the elementwise kernel then reads them as its
+    per-tensor factors. NAdam also multiplies ``mu_product`` (slot 1) by ``mu_t`` here,
+    once per tensor and step, unless ``found_inf`` is set. ``c``: SGD's 1 - dampening,
+    AdaGrad's lr_decay, NAdam's 0.96^psi."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < n
+    row = table + i.to(tl.int64) * W + HEADER
+    sp = tl.load(row, mask=mask, other=0).to(tl.pointer_type(tl.float32))
+    t32 = tl.load(sp, mask=mask, other=1.0)
+    t = t32.to(tl.float64)
+    e = tl.minimum(t32, 4294967295.0).to(tl.int64)
+    lr = _f64(lr_hi, lr_lo)
+    c = _f64(c_hi, c_lo)
+    zero = tl.full([BLOCK], 0.0, tl.float64)  # (tl.zeros is a @jit function: see the norm kernel)
+    f1 = zero
+    f2 = zero
+    if RULE == P_SGD:
+        # The first step is undampened (buf_1 = g).
+        f0 = tl.where(t == 1.0, 1.0 + zero, c + zero)
+    elif RULE == P_ADAGRAD:
+        f0 = -lr / (1.0 + (t - 1.0) * c)
+    else:
+        beta1 = _f64(b1_hi, b1_lo)
+        beta2 = _f64(b2_hi, b2_lo)
+        bc1 = 1.0 - _powi(beta1, e)
+        pow2 = _powi(beta2, e)
+        bc2 = 1.0 - pow2
+        if RULE == P_ADAM:
+            if BIAS:
+                f0 = -lr / bc1
+                f1 = 1.0 / tl.sqrt(bc2)
+            else:
+                f0 = zero - lr
+                f1 = zero + 1.0
+        elif RULE == P_NADAM:
+            # mu_t = beta1 (1 - 0.5 * 0.96^(t psi)) = beta1 (1 - 0.5 c^t), c = 0.96^psi.
+            ct = _powi(c, e)
+            mu = beta1 * (1.0 - 0.5 * ct)
+            mu_next = beta1 * (1.0 - 0.5 * (ct * c))
+            mp = tl.load(row + 1, mask=mask, other=0).to(tl.pointer_type(tl.float32))
+            # An fp32 product, as torch's (and the reference's) fp32 mu_product *= mu.
+            prod = tl.load(mp, mask=mask, other=1.0) * mu.to(tl.float32)
+            keep = mask
+            if HAS_FOUND:
+                keep = mask & (tl.load(found_inf + i * 0, mask=mask, other=1.0) == 0)
+            tl.store(mp, prod, mask=keep)
+            pr = prod.to(tl.float64)
+            f0 = -lr * (1.0 - mu) / (1.0 - pr)
+            f1 = -lr * mu_next / (1.0 - pr * mu_next)
+            f2 = bc2
+        else:
+            # RAdam: rho_t (Liu et al. 2020, eq. 5); rectified while rho_t > 5.
+            rho_inf = 2.0 / (1.0 - beta2) - 1.0
+            rho = rho_inf - 2.0 * t * pow2 / bc2
+            rect = rho > 5.0
+            safe = tl.where(rect, rho, 6.0 + zero)
+            r = tl.sqrt((safe - 4.0) * (safe - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * safe))
+            f0 = tl.where(rect, -lr * r * tl.sqrt(bc2) / bc1, -lr / bc1)
+            f1 = tl.where(rect, 1.0 + zero, zero)
+    out = factors + i.to(tl.int64) * 4
+    tl.store(out, f0.to(tl.float32), mask=mask)
+    tl.store(out + 1, f1.to(tl.float32), mask=mask)
+    tl.store(out + 2, f2.to(tl.float32), mask=mask)
+
+
 # ----- the gradient norm ---------------------------------------------------------------------
 
 # tl.sum / tl.max are @jit functions of triton.language, decorated when Triton was imported:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import struct
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -184,8 +185,13 @@ def _radam_factors(h: dict, steps: Sequence[float]) -> list[tuple]:
     return out
 
 
-def _plan(rule: str, h: dict, state: dict[str, list[Tensor]], steps: Sequence[float]):
-    """(kernel name, state slot keys, runtime floats, switches, per-tensor factors)."""
+def _plan(rule: str, h: dict, state: dict[str, list[Tensor]], steps: Sequence[float] | None):
+    """(kernel name, state slot keys, runtime floats, switches, per-tensor factors).
+
+    ``steps`` None: device step counts, whose factors :func:`_prologue` computes on the
+    device; the factors returned are then a placeholder (one per tensor: nothing)."""
+    if steps is None:
+        steps = ()
     wd = float(h.get("weight_decay", 0.0))
     lr = float(h["lr"])
     decay = 1 - lr * wd
@@ -219,7 +225,12 @@ def _plan(rule: str, h: dict, state: dict[str, list[Tensor]], steps: Sequence[fl
                      YOGI=rule == "yogi"),
                 [_bias(h, t) for t in steps])
     if rule in ("nadam", "radam"):
-        factors = _nadam_factors(h, steps, state["mu_product"]) if rule == "nadam" else _radam_factors(h, steps)
+        if not steps:
+            factors = []
+        elif rule == "nadam":
+            factors = _nadam_factors(h, steps, state["mu_product"])
+        else:
+            factors = _radam_factors(h, steps)
         return ("nadam_kernel", ["exp_avg", "exp_avg_sq"],
                 dict(wd=wd, decay=decay, beta1=beta1, beta2=beta2, eps=float(h["eps"])),
                 dict(WD=wd != 0, DECOUPLED=bool(h["decoupled_weight_decay"]), RADAM=rule == "radam"), factors)
@@ -227,6 +238,73 @@ def _plan(rule: str, h: dict, state: dict[str, list[Tensor]], steps: Sequence[fl
         return ("lion_kernel", ["exp_avg"], dict(lr=lr, decay=decay, beta1=beta1, beta2=beta2), dict(WD=wd != 0),
                 [() for _ in steps])
     raise invalid("backend 'triton'", "rule", rule, "must be one of the reference rules")
+
+
+# Tensors per program of the step prologue (a power of two).
+PROLOGUE_BLOCK = 128
+
+
+def _split(x: float) -> tuple[float, float]:
+    """``x`` as fp32 ``hi + lo`` (Triton passes Python floats as fp32): hi is x rounded to
+    fp32, lo the rest, so hi + lo in fp64 is x to ~2^-48 relative."""
+    hi = struct.unpack("f", struct.pack("f", x))[0]
+    return hi, x - hi
+
+
+def _prologue(rule: str, h: dict) -> tuple[int, tuple[float, float, float, float], bool] | None:
+    """(RULE, (lr, beta1, beta2, c), BIAS) of :func:`kernels.factors_kernel` for ``rule``,
+    or None when the rule has no step-dependent factor (RMSprop, Lion)."""
+    lr = float(h["lr"])
+    if rule == "sgd":
+        return 0, (lr, 0.0, 0.0, 1.0 - float(h["dampening"])), False
+    if rule == "adagrad":
+        return 1, (lr, 0.0, 0.0, float(h["lr_decay"])), False
+    if rule in ("rmsprop", "lion"):
+        return None
+    beta1, beta2 = (float(b) for b in h["betas"])
+    if rule in ("adam", "coupled_adam", "yogi"):
+        return 2, (lr, beta1, beta2, 0.0), bool(h.get("bias_correction", True))
+    if rule == "nadam":
+        return 3, (lr, beta1, beta2, 0.96 ** float(h["momentum_decay"])), False
+    if rule == "radam":
+        return 4, (lr, beta1, beta2, 0.0), False
+    raise invalid("backend 'triton'", "rule", rule, "must be one of the reference rules")
+
+
+def _device_factors(rule: str, h: dict, state: dict[str, list[Tensor]], steps: Sequence[Tensor],
+                    found_inf: Tensor | None, device: torch.device) -> Tensor | None:
+    """The per-tensor factors of a bucket with device step counts: one launch of the step
+    prologue, reading each ``t`` (and NAdam's ``mu_product``) through a cached table of
+    their addresses, writing an fp32 ``(n, 4)`` device array. None: the rule has none."""
+    owner = "backend 'triton'"
+    for t in steps:
+        if t.device != device or t.dtype != torch.float32 or t.numel() != 1:
+            raise invalid(owner, "step", f"a {t.dtype} tensor of shape {list(t.shape)} on {t.device}",
+                          f"device step counts must be float32 0-d tensors on the params' device ({device})")
+    spec = _prologue(rule, h)
+    products = list(state["mu_product"]) if rule == "nadam" else None
+    if products is not None:
+        for t in products:
+            if t.device != device or t.dtype != torch.float32:
+                raise invalid(owner, "mu_product", f"a {t.dtype} tensor on {t.device}",
+                              f"must be a float32 0-d tensor on the params' device ({device}) with device steps")
+    if spec is None:
+        return None
+    code, values, bias = spec
+    n = len(steps)
+    tab = TABLES.get([list(steps)] + ([products] if products is not None else []), [1] * n, BLOCK["cpu"])
+    out = torch.empty((n, 4), dtype=torch.float32, device=device)
+    args = [a for v in values for a in _split(v)]
+    kernels(device).factors_kernel[(_cdiv(n, PROLOGUE_BLOCK),)](
+        tab.table, out, _dummy(device) if found_inf is None else found_inf, n, *args,
+        W=tab.width, BLOCK=PROLOGUE_BLOCK, RULE=code, BIAS=bias, HAS_FOUND=found_inf is not None,
+        num_warps=1,
+    )
+    return out
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _coupled_rows(grads: list[Tensor], state: dict[str, list[Tensor]], h: dict, row_mean: RowMean | None,
@@ -275,7 +353,8 @@ def run(rule: str, params: Sequence[Tensor], grads: Sequence[Tensor], state: dic
         _kind(owner, g.dtype)
     if clip_value is not None and not clip_value >= 0:
         raise invalid(owner, "clip_value", clip_value, "must be >= 0")
-    kernel_name, keys, floats, switches, factors = _plan(rule, group, state, steps)
+    on_device = bool(steps) and isinstance(steps[0], Tensor)
+    kernel_name, keys, floats, switches, factors = _plan(rule, group, state, None if on_device else steps)
     master = state.get("master_param")
     if master is not None and kind == _KIND[torch.float32]:
         raise invalid(owner, "master_param", "fp32 params", "master weights are for bfloat16/float16 params only")
@@ -283,6 +362,10 @@ def run(rule: str, params: Sequence[Tensor], grads: Sequence[Tensor], state: dic
     if coupled:
         # Before the layout copies, so a copied row already holds the new second moment.
         _coupled_rows(list(grads), state, group, row_mean, grad_scale, found_inf, clip_value)
+    # Device step counts: the factors come from the step prologue, on the device (before the
+    # elementwise kernel on the same stream; also for a bucket of empty tensors: NAdam's
+    # mu_product advances for every tensor that got a gradient, as in the reference).
+    device_factors = _device_factors(rule, group, state, steps, found_inf, device) if on_device else None
     slot_lists = [list(state[k]) for k in keys] + ([list(master)] if master is not None else [])
     ps, gs, ss, back = _layouts(params, grads, slot_lists, coupled)
     block = BLOCK["cpu" if device.type == "cpu" else "cuda"]
@@ -291,13 +374,18 @@ def run(rule: str, params: Sequence[Tensor], grads: Sequence[Tensor], state: dic
     if tab.nblocks:
         # Step factors: runtime scalars when the bucket is on one step (no upload at all),
         # else one small fp32 array per step (a late param: its own bias corrections).
-        uniform = all(f == factors[0] for f in factors)
-        f = tuple(factors[0]) + (0.0,) * (3 - len(factors[0]))
         dummy = _dummy(device)
+        if on_device:
+            uniform, f = device_factors is None, (0.0, 0.0, 0.0)
+            factor_array = dummy if uniform else device_factors
+        else:
+            uniform = all(f == factors[0] for f in factors)
+            f = tuple(factors[0]) + (0.0,) * (3 - len(factors[0]))
+            factor_array = dummy if uniform else upload_factors(factors, device)
         kernel = getattr(kernels(device), kernel_name)
         kernel[(tab.nblocks,)](
             tab.table, tab.blocks,
-            dummy if uniform else upload_factors(factors, device),
+            factor_array,
             dummy if grad_scale is None else grad_scale,
             dummy if found_inf is None else found_inf,
             **floats, f0=float(f[0]), f1=float(f[1]), f2=float(f[2]),
