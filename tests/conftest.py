@@ -18,6 +18,19 @@ def assert_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: s
     assert err <= tol * scale, f"{what}: max abs error {err:.3e} > {tol:g} * {scale:.3e}"
 
 
+def build_for_rule(name: str, variant_options: dict, params: list, backend: str):
+    """The optimizer of registry ``name`` over ``params`` (CoupledAdam: the 2-D tensors in a
+    coupled group, the rest in a plain one), as the backend tests build it."""
+    import lightning_optim as lo
+
+    if name == "coupled_adam":
+        groups = [{"params": [p for p in params if p.dim() >= 2], "coupled": True},
+                  {"params": [p for p in params if p.dim() < 2]}]
+    else:
+        groups = params
+    return lo.create_optimizer({"name": name, **variant_options, "lr": 1e-2}, groups, backend=backend)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

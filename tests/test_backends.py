@@ -12,7 +12,7 @@ import torch
 
 import lightning_optim as lo
 from lightning_optim import backends
-from conftest import assert_rel
+from conftest import assert_rel, build_for_rule
 
 # Every registry name, plus the variants whose code paths differ.
 VARIANTS = {name: {} for name in lo.optimizers()}
@@ -51,13 +51,7 @@ def train(variant, backend, dtypes, steps=12):
     gen = torch.Generator().manual_seed(7)
     params = make_params(dtypes, gen)
     name = base_name(variant)
-    # CoupledAdam: the 2-D tensors form a coupled group, the rest a plain one.
-    if name == "coupled_adam":
-        groups = [{"params": [p for p in params if p.dim() >= 2], "coupled": True},
-                  {"params": [p for p in params if p.dim() < 2]}]
-    else:
-        groups = params
-    opt = lo.create_optimizer({"name": name, **VARIANTS[variant], "lr": 1e-2}, groups, backend=backend)
+    opt = build_for_rule(name, VARIANTS[variant], params, backend)
     late = params[2]  # gets no gradient for the first 3 steps: its step count lags behind
     for step in range(steps):
         for p in params:

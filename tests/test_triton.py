@@ -25,7 +25,7 @@ from lightning_optim.backends import reference
 from lightning_optim.backends import triton as tb
 from lightning_optim.backends.triton import launcher
 from lightning_optim.validation import ConfigurationError
-from conftest import assert_rel
+from conftest import assert_rel, build_for_rule
 from test_backends import VARIANTS as BACKEND_VARIANTS
 
 DEVICES = [
@@ -74,12 +74,7 @@ def train(variant, backend, dtypes, device, steps=3):
     gen = torch.Generator().manual_seed(7)
     params = make_params(dtypes, device, gen)
     name = name_of(variant)
-    if name == "coupled_adam":
-        groups = [{"params": [p for p in params if p.dim() >= 2], "coupled": True},
-                  {"params": [p for p in params if p.dim() < 2]}]
-    else:
-        groups = params
-    opt = lo.create_optimizer({"name": name, **VARIANTS[variant], "lr": 1e-2}, groups, backend=backend)
+    opt = build_for_rule(name, VARIANTS[variant], params, backend)
     late = params[2]  # no gradient on the first step: one bucket holds two step counts
     for step in range(steps):
         for p in params:
