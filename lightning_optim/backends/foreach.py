@@ -243,12 +243,10 @@ def yogi(P, G, S, T, h, owned):
     torch._foreach_lerp_(M, G, 1 - beta1)
     # 1.
     G2 = torch._foreach_mul(G, G)
-    move = torch._foreach_sub(V, G2)
-    torch._foreach_sign_(move)
-    torch._foreach_mul_(move, G2)
-    for m, v, g2 in zip(move, V, G2):
-        m.masked_fill_(v == g2, 0.0)
-    torch._foreach_add_(V, move, alpha=-(1 - beta2))
+    torch._foreach_clamp_max_(G2, torch.finfo(G2[0].dtype).max)
+    sign = torch._foreach_sub(V, G2)
+    torch._foreach_sign_(sign)
+    torch._foreach_addcmul_(V, sign, G2, -(1 - beta2))
     # 2.
     bc1 = [1 - beta1**t for t in T]
     bc2_sqrt = [math.sqrt(1 - beta2**t) for t in T]

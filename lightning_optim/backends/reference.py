@@ -216,11 +216,10 @@ def yogi(p: Tensor, g: Tensor, s: dict[str, Tensor], t: float, h: dict) -> None:
     m.lerp_(g, 1 - beta1)
     # 1. v = v - (1 - beta2) * sign(v - g^2) * g^2 (Zaheer et al. 2018, Alg. 2): v moves
     #    toward g^2 by an additive step, so one huge gradient cannot blow it up at once.
-    #    Where v and g^2 are both inf (|g| > 1.8e19 in fp32, twice), sign(inf - inf) is NaN:
-    #    such a coordinate has v = g^2, so its move is 0 by the formula; make it exactly that.
-    g2 = g.square()
-    move = torch.sign(v - g2).mul_(g2).masked_fill_(v == g2, 0.0)
-    v.add_(move, alpha=-(1 - beta2))
+    #    g^2 is capped at the largest finite float: an overflowed g^2 = inf against an
+    #    overflowed v = inf would make sign(inf - inf) * inf a NaN; capped, every move is finite.
+    g2 = g.square().clamp_max_(torch.finfo(g.dtype).max)
+    v.addcmul_(torch.sign(v - g2), g2, value=-(1 - beta2))
     # 2. Bias-corrected like Adam.
     bc1, bc2 = 1 - beta1**t, 1 - beta2**t
     denom = (v.sqrt() / math.sqrt(bc2)).add_(h["eps"])

@@ -42,9 +42,8 @@ Step counts on the device, and the step prologue
     nothing extra. RMSprop and Lion have no step factor and no prologue.
 
     ``steps`` may also be Python floats (the backend signature the reference and foreach
-    backends take; the direct launcher tests use it): then the factors are computed on
-    the host in float64 and passed as three scalars, or as an uploaded ``(n, 4)`` array
-    when the counts differ, and NAdam's ``mu_product`` must be on the CPU.
+    backends take): they are put on the device as 0-d tensors and go through the same
+    prologue, so there is one way the factors are computed.
 
     Per-step host work: one ``data_ptr`` per tensor and slot (the table cache keys), the
     hyperparameters as kernel arguments, two launches (one for RMSprop and Lion), plus the

@@ -337,7 +337,8 @@ def _adam_block(row, offs, mask, wd, decay, beta1, beta2, eps, coupling_scale, n
         if YOGI:
             # Yogi 1. v = v - (1 - beta2) * sign(v - g^2) * g^2 (Zaheer et al. 2018, Alg. 2)
             g2 = g * g
-            v = v + (beta2 - 1.0) * tl.where(v == g2, 0.0, _sign(v - g2) * g2)  # inf == inf: no move
+            g2 = tl.where(g2 > 3.4028234663852886e38, 3.4028234663852886e38, g2)  # the reference's cap (NaN stays)
+            v = v + (beta2 - 1.0) * (_sign(v - g2) * g2)
         else:
             # 2. v = beta2 * v + (1 - beta2) * g^2
             v = v * beta2 + (1.0 - beta2) * (g * g)

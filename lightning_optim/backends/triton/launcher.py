@@ -2,8 +2,8 @@
 
 ``run`` does, per (device, dtype) bucket: check dtypes; bring every tensor into a layout
 the kernel can walk linearly (see :func:`_layouts`); Coupled Adam's row pre-pass; the
-step factors on the host (float64, as the reference computes them); the table from the
-cache; one launch; copy back any work copies. See the package docstring for the design.
+step factors from the device step counts (the prologue kernel, :func:`_device_factors`);
+the table from the cache; one launch; copy back any work copies. See the package docstring for the design.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ...validation import invalid
-from .table import TableCache, upload_factors
+from .table import TableCache
 
 _KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -148,67 +148,23 @@ def _layouts(params: Sequence[Tensor], grads: Sequence[Tensor], states: list[lis
 # ----- per-rule host work: factors, slots, arguments ----------------------------------------
 
 
-def _bias(h: dict, t: float) -> tuple[float, float]:
-    """(-lr / bc1, 1 / sqrt(bc2)): reference step 4 folded into two per-tensor factors."""
-    beta1, beta2 = h["betas"]
-    if h.get("bias_correction", True):
-        return (-h["lr"] / (1 - beta1**t), 1 / math.sqrt(1 - beta2**t))
-    return (-h["lr"], 1.0)
-
-
-def _nadam_factors(h: dict, steps: Sequence[float], mu_products: list[Tensor]) -> list[tuple]:
-    beta1, beta2 = h["betas"]
-    lr, psi = h["lr"], h["momentum_decay"]
-    # 1. mu_t and mu_{t+1}; Pi_t lives in CPU float32 scalar tensors (torch's format), so
-    #    updating and reading it costs no device sync.
-    mus = [beta1 * (1.0 - 0.5 * 0.96 ** (t * psi)) for t in steps]
-    mu_nexts = [beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi)) for t in steps]
-    torch._foreach_mul_(mu_products, mus)
-    prods = [x.item() for x in mu_products]
-    return [(-lr * (1.0 - mu) / (1.0 - pr), -lr * mn / (1.0 - pr * mn), 1 - beta2**t)
-            for mu, mn, pr, t in zip(mus, mu_nexts, prods, steps)]
-
-
-def _radam_factors(h: dict, steps: Sequence[float]) -> list[tuple]:
-    beta1, beta2 = h["betas"]
-    rho_inf = 2 / (1 - beta2) - 1
-    out = []
-    for t in steps:
-        bc1, bc2 = 1 - beta1**t, 1 - beta2**t
-        # 1. rho_t (Liu et al. 2020, eq. 5): rectify only while the variance is tractable.
-        rho_t = rho_inf - 2 * t * beta2**t / bc2
-        if rho_t > 5.0:
-            r = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
-            out.append((-h["lr"] * r * math.sqrt(bc2) / bc1, 1.0, 0.0))
-        else:
-            out.append((-h["lr"] / bc1, 0.0, 0.0))
-    return out
-
-
-def _plan(rule: str, h: dict, state: dict[str, list[Tensor]], steps: Sequence[float] | None):
-    """(kernel name, state slot keys, runtime floats, switches, per-tensor factors).
-
-    ``steps`` None: device step counts, whose factors :func:`_prologue` computes on the
-    device; the factors returned are then a placeholder (one per tensor: nothing)."""
-    if steps is None:
-        steps = ()
+def _plan(rule: str, h: dict):
+    """(kernel name, state slot keys, runtime floats, switches) of ``rule``; its step
+    factors come from :func:`_prologue`."""
     wd = float(h.get("weight_decay", 0.0))
     lr = float(h["lr"])
     decay = 1 - lr * wd
     if rule == "sgd":
         mu = float(h["momentum"])
-        damp = 1 - h["dampening"]
         return ("sgd_kernel", ["momentum_buffer"] if mu != 0 else [],
-                dict(lr=lr, wd=wd, mu=mu), dict(WD=wd != 0, MOMENTUM=mu != 0, NESTEROV=bool(h["nesterov"])),
-                [(1.0 if t == 1 else damp,) for t in steps])
+                dict(lr=lr, wd=wd, mu=mu), dict(WD=wd != 0, MOMENTUM=mu != 0, NESTEROV=bool(h["nesterov"])))
     if rule == "adagrad":
-        return ("adagrad_kernel", ["sum"], dict(wd=wd, eps=float(h["eps"])), dict(WD=wd != 0),
-                [(-lr / (1 + (t - 1) * h["lr_decay"]),) for t in steps])
+        return ("adagrad_kernel", ["sum"], dict(wd=wd, eps=float(h["eps"])), dict(WD=wd != 0))
     if rule == "rmsprop":
         keys = ["square_avg"] + (["grad_avg"] if h["centered"] else []) + (["momentum_buffer"] if h["momentum"] > 0 else [])
         return ("rmsprop_kernel", keys,
                 dict(lr=lr, wd=wd, alpha=float(h["alpha"]), eps=float(h["eps"]), mom=float(h["momentum"])),
-                dict(WD=wd != 0, CENTERED=bool(h["centered"]), MOMENTUM=h["momentum"] > 0), [() for _ in steps])
+                dict(WD=wd != 0, CENTERED=bool(h["centered"]), MOMENTUM=h["momentum"] > 0))
     beta1, beta2 = (float(b) for b in h["betas"])
     if rule in ("adam", "coupled_adam", "yogi"):
         coupled = rule == "coupled_adam"
@@ -222,21 +178,13 @@ def _plan(rule: str, h: dict, state: dict[str, list[Tensor]], steps: Sequence[fl
                 dict(wd=wd, decay=decay, beta1=beta1, beta2=beta2, eps=float(h["eps"]),
                      coupling_scale=float(h.get("coupling_scale", 1.0))),
                 dict(WD=wd != 0, DECOUPLED=decoupled, AMSGRAD=amsgrad and not coupled, COUPLED=coupled,
-                     YOGI=rule == "yogi"),
-                [_bias(h, t) for t in steps])
+                     YOGI=rule == "yogi"))
     if rule in ("nadam", "radam"):
-        if not steps:
-            factors = []
-        elif rule == "nadam":
-            factors = _nadam_factors(h, steps, state["mu_product"])
-        else:
-            factors = _radam_factors(h, steps)
         return ("nadam_kernel", ["exp_avg", "exp_avg_sq"],
                 dict(wd=wd, decay=decay, beta1=beta1, beta2=beta2, eps=float(h["eps"])),
-                dict(WD=wd != 0, DECOUPLED=bool(h["decoupled_weight_decay"]), RADAM=rule == "radam"), factors)
+                dict(WD=wd != 0, DECOUPLED=bool(h["decoupled_weight_decay"]), RADAM=rule == "radam"))
     if rule == "lion":
-        return ("lion_kernel", ["exp_avg"], dict(lr=lr, decay=decay, beta1=beta1, beta2=beta2), dict(WD=wd != 0),
-                [() for _ in steps])
+        return ("lion_kernel", ["exp_avg"], dict(lr=lr, decay=decay, beta1=beta1, beta2=beta2), dict(WD=wd != 0))
     raise invalid("backend 'triton'", "rule", rule, "must be one of the reference rules")
 
 
@@ -340,10 +288,13 @@ def _coupled_rows(grads: list[Tensor], state: dict[str, list[Tensor]], h: dict, 
 
 
 def run(rule: str, params: Sequence[Tensor], grads: Sequence[Tensor], state: dict[str, list[Tensor]],
-        steps: Sequence[float], group: dict, row_mean: RowMean | None = None, *,
+        steps: Sequence[Tensor] | Sequence[float], group: dict, row_mean: RowMean | None = None, *,
         grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
         clip_value: float | None = None) -> None:
-    """Apply ``rule`` to one (device, dtype) bucket in one kernel launch (see the package doc)."""
+    """Apply ``rule`` to one (device, dtype) bucket in one kernel launch (see the package doc).
+
+    ``steps``: the device step tensors (what ``Optimizer.step`` passes on this backend), or
+    the counts as floats, as the other backends take them (put on the device here)."""
     if not params:
         return
     owner = "backend 'triton'"
@@ -353,8 +304,9 @@ def run(rule: str, params: Sequence[Tensor], grads: Sequence[Tensor], state: dic
         _kind(owner, g.dtype)
     if clip_value is not None and not clip_value >= 0:
         raise invalid(owner, "clip_value", clip_value, "must be >= 0")
-    on_device = bool(steps) and isinstance(steps[0], Tensor)
-    kernel_name, keys, floats, switches, factors = _plan(rule, group, state, None if on_device else steps)
+    if steps and not isinstance(steps[0], Tensor):
+        steps = [torch.tensor(float(t), dtype=torch.float32, device=device) for t in steps]
+    kernel_name, keys, floats, switches = _plan(rule, group)
     master = state.get("master_param")
     if master is not None and kind == _KIND[torch.float32]:
         raise invalid(owner, "master_param", "fp32 params", "master weights are for bfloat16/float16 params only")
@@ -365,33 +317,24 @@ def run(rule: str, params: Sequence[Tensor], grads: Sequence[Tensor], state: dic
     # Device step counts: the factors come from the step prologue, on the device (before the
     # elementwise kernel on the same stream; also for a bucket of empty tensors: NAdam's
     # mu_product advances for every tensor that got a gradient, as in the reference).
-    device_factors = _device_factors(rule, group, state, steps, found_inf, device) if on_device else None
+    factors = _device_factors(rule, group, state, steps, found_inf, device)
     slot_lists = [list(state[k]) for k in keys] + ([list(master)] if master is not None else [])
     ps, gs, ss, back = _layouts(params, grads, slot_lists, coupled)
     block = BLOCK["cpu" if device.type == "cpu" else "cuda"]
     rowlens = [max(1, p.numel() // p.shape[0]) if coupled and p.numel() else max(1, p.numel()) for p in ps]
     tab = TABLES.get([ps, gs, *ss], rowlens, block)
     if tab.nblocks:
-        # Step factors: runtime scalars when the bucket is on one step (no upload at all),
-        # else one small fp32 array per step (a late param: its own bias corrections).
         dummy = _dummy(device)
-        if on_device:
-            uniform, f = device_factors is None, (0.0, 0.0, 0.0)
-            factor_array = dummy if uniform else device_factors
-        else:
-            uniform = all(f == factors[0] for f in factors)
-            f = tuple(factors[0]) + (0.0,) * (3 - len(factors[0]))
-            factor_array = dummy if uniform else upload_factors(factors, device)
         kernel = getattr(kernels(device), kernel_name)
         kernel[(tab.nblocks,)](
             tab.table, tab.blocks,
-            factor_array,
+            dummy if factors is None else factors,
             dummy if grad_scale is None else grad_scale,
             dummy if found_inf is None else found_inf,
-            **floats, f0=float(f[0]), f1=float(f[1]), f2=float(f[2]),
+            **floats, f0=0.0, f1=0.0, f2=0.0,
             clip=float(clip_value or 0.0),
             W=tab.width, BLOCK=block, KIND=kind, GKIND=_KIND[gs[0].dtype], ALIGNED=tab.aligned,
-            PER_TENSOR=not uniform, HAS_SCALE=grad_scale is not None, HAS_FOUND=found_inf is not None,
+            PER_TENSOR=factors is not None, HAS_SCALE=grad_scale is not None, HAS_FOUND=found_inf is not None,
             HAS_CLIP=clip_value is not None, MASTER=master is not None, MSLOT=len(keys) + 2,
             MAXIMIZE=bool(group.get("maximize", False)), **switches,
             num_warps=NUM_WARPS, enable_fp_fusion=True,

@@ -95,9 +95,3 @@ def _upload(t: Tensor, device: torch.device) -> Tensor:
     if device.type == "cpu":
         return t.contiguous()
     return t.pin_memory().to(device, non_blocking=True)
-
-
-def upload_factors(rows: list[tuple[float, ...]], device: torch.device) -> Tensor:
-    """Per-tensor step factors as an fp32 ``(n, 4)`` device tensor (a step with mixed counts)."""
-    padded = [tuple(r) + (0.0,) * (4 - len(r)) for r in rows]
-    return _upload(torch.tensor(padded, dtype=torch.float32), device)
