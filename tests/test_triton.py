@@ -300,29 +300,45 @@ def _radam_factors(h, t):
     return (-h["lr"] / bc1, 0.0, 0.0)
 
 
-@pytest.mark.parametrize("rule", ["sgd", "adagrad", "adam", "nadam", "radam"])
-def test_step_prologue_factors_equal_the_host_factors(rule):
+PROLOGUE_RULES = ["sgd", "adagrad", "rmsprop", "adam", "nadam", "radam", "lion"]
+
+
+def _host_factors(rule, h, t):
+    """The four factors of ``rule`` at step t, in float64 from the reference's formulas."""
+    decay = 1 - h["lr"] * h["weight_decay"]
+    if rule == "sgd":
+        return (1.0 if t == 1 else 1 - h["dampening"], -h["lr"], 0.0, 0.0)
+    if rule == "adagrad":
+        return (-h["lr"] / (1 + (t - 1) * h["lr_decay"]), 0.0, 0.0, 0.0)
+    if rule == "rmsprop":
+        return (-h["lr"], 0.0, 0.0, 0.0)
+    if rule == "lion":
+        return (-h["lr"], decay, 0.0, 0.0)
+    if rule == "adam":
+        return (*_adam_factors(h, t), decay, 0.0)
+    if rule == "radam":
+        return (*_radam_factors(h, t)[:2], 0.0, decay)
+    return (*_nadam_factors(h, t), decay)
+
+
+@pytest.mark.parametrize("lr_kind", ["float", "tensor"])
+@pytest.mark.parametrize("rule", PROLOGUE_RULES)
+def test_step_prologue_factors_equal_the_host_factors(rule, lr_kind):
     """The prologue's fp64 factors, rounded once to fp32, equal the host's float64 factors
-    rounded once, from the first step to counts beyond fp32's 2^24 (e.g. loaded)."""
-    h = dict(lr=3e-4, betas=(0.9, 0.999), momentum_decay=4e-3, bias_correction=True, dampening=0.1, lr_decay=0.01)
+    rounded once, from the first step to counts beyond fp32's 2^24 (e.g. loaded); with lr
+    a float or a 0-d tensor read on the device (an fp64 tensor: the host's value exactly)."""
+    h = dict(lr=3e-4, weight_decay=0.1, betas=(0.9, 0.999), momentum_decay=4e-3, bias_correction=True,
+             dampening=0.1, lr_decay=0.01)
     ts = torch.tensor([1.0, 2.0, 5.0, 6.0, 7.0, 10.0, 100.0, 12345.0, 1e6, 2.0**24, 2.0**25 + 4, 3e9]).tolist()
     state = {"mu_product": [torch.tensor(1.0) for _ in ts]}
-    got = launcher._device_factors(rule, h, state, [torch.tensor(t) for t in ts], None, torch.device("cpu"))
-    if rule == "sgd":
-        expected = [(1.0 if t == 1 else 1 - h["dampening"],) for t in ts]
-    elif rule == "adagrad":
-        expected = [(-h["lr"] / (1 + (t - 1) * h["lr_decay"]),) for t in ts]
-    elif rule == "adam":
-        expected = [_adam_factors(h, t) for t in ts]
-    elif rule == "radam":
-        expected = [_radam_factors(h, t) for t in ts]
-    else:
-        expected = [_nadam_factors(h, t) for t in ts]
+    group = dict(h, lr=torch.tensor(h["lr"], dtype=torch.float64)) if lr_kind == "tensor" else h
+    got = launcher._device_factors(rule, group, state, [torch.tensor(t) for t in ts], None, torch.device("cpu"))
+    if rule == "nadam":
         mus = [h["betas"][0] * (1 - 0.5 * 0.96 ** (t * h["momentum_decay"])) for t in ts]
         assert torch.equal(torch.stack(state["mu_product"]), torch.tensor(mus, dtype=torch.float32))
-    for i, row in enumerate(expected):
-        want = torch.tensor(row + (0.0,) * (3 - len(row)), dtype=torch.float32)
-        assert torch.equal(got[i, :3], want), (rule, ts[i], got[i, :3], want)
+    for i, t in enumerate(ts):
+        want = torch.tensor(_host_factors(rule, h, t), dtype=torch.float32)
+        assert torch.equal(got[i], want), (rule, t, got[i], want)
 
 
 def test_step_prologue_compiles_for_cuda():
@@ -331,12 +347,14 @@ def test_step_prologue_compiles_for_cuda():
     from triton.compiler import ASTSource
 
     fn = launcher.kernels(torch.device("cuda")).factors_kernel
-    signature = {p.name: "*i64" if p.name == "table" else "*fp32" if p.name in ("factors", "found_inf")
+    signature = {p.name: "*i64" if p.name == "table" else "*fp32" if p.name in ("factors", "found_inf", "lr_ptr")
                  else "i32" if p.name == "n" else "fp32" for p in fn.params if not p.is_constexpr}
-    for code in range(5):
-        src = ASTSource(fn=fn, signature=signature,
-                        constexprs=dict(W=4, BLOCK=launcher.PROLOGUE_BLOCK, RULE=code, BIAS=True, HAS_FOUND=True))
-        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={})
+    for code in range(7):
+        for lr_tensor in (False, True):
+            src = ASTSource(fn=fn, signature=signature,
+                            constexprs=dict(W=4, BLOCK=launcher.PROLOGUE_BLOCK, RULE=code, BIAS=True, HAS_FOUND=True,
+                                            LR_TENSOR=lr_tensor))
+            triton.compile(src, target=GPUTarget("cuda", 90, 32), options={})
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -483,29 +501,64 @@ def test_table_is_cached_and_rebuilt_when_storage_changes():
     gen = torch.Generator().manual_seed(11)
     params, grads, state = bucket("lion", [(5,), (3,)], torch.float32, "cpu", gen)
     group = RULES["lion"][0]
+    steps = [torch.tensor(1.0), torch.tensor(1.0)]  # the optimizer's persistent step tensors
     launcher.TABLES.clear()
-    launcher.run("lion", params, grads, state, [1.0, 1.0], group)
-    launcher.run("lion", params, grads, state, [2.0, 2.0], dict(group, lr=5e-4))  # new lr: same table
-    assert (launcher.TABLES.builds, launcher.TABLES.hits) == (1, 1)
-    grads = [g.clone() for g in grads]  # new grad storage: a new table
-    launcher.run("lion", params, grads, state, [3.0, 3.0], group)
-    assert launcher.TABLES.builds == 2
+    launcher.run("lion", params, grads, state, steps, group)
+    assert (launcher.TABLES.builds, launcher.TABLES.hits) == (2, 0)  # the prologue's and the kernel's
+    torch._foreach_add_(steps, 1.0)
+    launcher.run("lion", params, grads, state, steps, dict(group, lr=5e-4))  # new lr: same tables
+    assert (launcher.TABLES.builds, launcher.TABLES.hits) == (2, 2)
+    grads = [g.clone() for g in grads]  # new grad storage: a new table for the kernel
+    launcher.run("lion", params, grads, state, steps, group)
+    assert (launcher.TABLES.builds, launcher.TABLES.hits) == (3, 3)
     table = launcher.TABLES.get([params, grads, state["exp_avg"]], [5, 3], launcher.BLOCK["cpu"])
     assert table.table.tolist()[1][:3] == [3, 3, params[1].data_ptr()]
     assert table.blocks.tolist() == [[0, 0], [1, 0]]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rule", list(RULES))
+def test_tensor_lr_is_read_on_the_device(rule, device):
+    """lr as a 0-d device tensor: the same update as the float lr, and changing the tensor
+    in place between steps (as a scheduler does, and as a replayed CUDA graph needs) changes
+    the update, with no new table and no host read of lr."""
+    gen = torch.Generator().manual_seed(14)
+    shapes = COUPLED_SHAPES if rule == "coupled_adam" else [(5,), (300,)]
+    params, grads, state = bucket(rule, shapes, torch.float32, device, gen)
+    if "mu_product" in state:
+        state["mu_product"] = [t.to(device) for t in state["mu_product"]]
+    group = RULES[rule][0]
+    lr = torch.tensor(group["lr"], device=device)
+    steps = [torch.tensor(0.0, device=device) for _ in params]
+    tables = None
+    for it, value in enumerate((group["lr"], group["lr"] * 0.25, 0.0)):
+        lr.fill_(value)
+        torch._foreach_add_(steps, 1.0)
+        before = clone(params)
+        P, S = reference_run(rule, params, grads, state, [it + 1.0] * len(params), dict(group, lr=value))
+        launcher.run(rule, params, grads, state, steps, dict(group, lr=lr))
+        assert_bucket(P, S, params, state, f"{rule} lr={value}", before)
+        if tables is None:
+            tables = launcher.TABLES.builds
+    assert launcher.TABLES.builds == tables
+    with pytest.raises(ValueError, match="one element"):
+        launcher.run(rule, params, grads, state, steps, dict(group, lr=torch.ones(2, device=device)))
+
+
 def test_hyperparameters_are_runtime_arguments(monkeypatch):
-    """lr & co. are fp32 kernel arguments (never constexpr, never ints Triton would
-    specialize on): a scheduler changing lr does not recompile."""
+    """Hyperparameters are fp32 kernel arguments (never constexpr, never ints Triton would
+    specialize on), and lr reaches the elementwise kernels only through the prologue's
+    factors: a scheduler changing lr does not recompile."""
     compiled = launcher.kernels(torch.device("cuda"))  # decorating needs no GPU
-    for name in ("sgd_kernel", "adagrad_kernel", "rmsprop_kernel", "adam_kernel", "nadam_kernel", "lion_kernel"):
+    for name in ("sgd_kernel", "adagrad_kernel", "rmsprop_kernel", "adam_kernel", "nadam_kernel", "lion_kernel",
+                 "factors_kernel"):
         fn = getattr(compiled, name)
         # Compile-time switches are the UPPER_CASE parameters, and only those.
         assert all(p.is_constexpr == p.name.isupper() for p in fn.params), name
         runtime = [p.name for p in fn.params if not p.is_constexpr]
-        for field in ("f0", "f1", "f2", "clip"):
-            assert field in runtime, (name, field)
+        assert "factors" in runtime, name
+        if name != "factors_kernel":
+            assert "clip" in runtime and not any("lr" in r or "decay" in r for r in runtime), (name, runtime)
     module = launcher.kernels(torch.device("cpu"))
     calls = []
     original = module.sgd_kernel
@@ -521,7 +574,7 @@ def test_hyperparameters_are_runtime_arguments(monkeypatch):
     p, g = torch.ones(3), torch.ones(3)
     group = dict(lr=1, momentum=0, dampening=0, nesterov=False, weight_decay=0, maximize=False)
     launcher.run("sgd", [p], [g], {}, [1.0], group)
-    assert all(type(calls[0][k]) is float for k in ("lr", "wd", "mu", "f0", "f1", "f2", "clip"))
+    assert all(type(calls[0][k]) is float for k in ("wd", "mu", "clip"))
     assert torch.equal(p, torch.zeros(3))
 
 
@@ -532,7 +585,7 @@ def test_kernels_compile_for_cuda():
     from triton.compiler import ASTSource
 
     compiled = launcher.kernels(torch.device("cuda"))
-    common = dict(W=7, BLOCK=2048, KIND=1, GKIND=1, ALIGNED=True, PER_TENSOR=True, HAS_SCALE=True, HAS_FOUND=True,
+    common = dict(W=7, BLOCK=2048, KIND=1, GKIND=1, ALIGNED=True, HAS_SCALE=True, HAS_FOUND=True,
                   HAS_CLIP=True, MASTER=True, MSLOT=5, MAXIMIZE=True, WD=True)
     switches = {
         "sgd_kernel": dict(MOMENTUM=True, NESTEROV=True),

@@ -4,9 +4,9 @@ Every elementwise kernel has the same shape (see the package docstring for the t
 
 1. ``_locate``: program ``pid`` reads (tensor index, block index) from the block list and
    the tensor's row of the table (numel, row length, then one int64 address per slot);
-2. the per-tensor scalars: the step-dependent factors (one runtime scalar each when the
-   whole bucket is on the same step, else read from the per-tensor factor array), the
-   fused-clip ``grad_scale`` and the ``found_inf`` flag (a set flag makes the tensor's
+2. the per-tensor scalars: the four factors the step prologue wrote for the tensor (all
+   that depends on lr or the step count), the fused-clip ``grad_scale`` and the
+   ``found_inf`` flag (a set flag makes the tensor's
    length 0 for the program, so every load and store is masked off: the step is a no-op
    without a host sync);
 3. the rule's ``_*_block`` on ``BLOCK`` elements: full blocks with a mask that is the same
@@ -96,21 +96,21 @@ def _store(ptr, offs, x, mask, KIND: tl.constexpr):
 
 
 @triton.jit
-def _scalars(factors, ti, n, f0, f1, f2, grad_scale, found_inf, PER_TENSOR: tl.constexpr,
-             HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr):
-    """Per-tensor factors, the gradient scale, and the number of elements to update: 0
-    when ``found_inf`` is set, which masks every load and store of the program."""
-    if PER_TENSOR:
-        base = factors + ti.to(tl.int64) * 4
-        f0 = tl.load(base)
-        f1 = tl.load(base + 1)
-        f2 = tl.load(base + 2)
+def _scalars(factors, ti, n, grad_scale, found_inf, HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr):
+    """The tensor's four step factors (row ``ti`` of the prologue's output), the gradient
+    scale, and the number of elements to update: 0 when ``found_inf`` is set, which masks
+    every load and store of the program."""
+    base = factors + ti.to(tl.int64) * 4
+    f0 = tl.load(base)
+    f1 = tl.load(base + 1)
+    f2 = tl.load(base + 2)
+    f3 = tl.load(base + 3)
     scale = 1.0
     if HAS_SCALE:
         scale = tl.load(grad_scale).to(tl.float32)
     if HAS_FOUND:
         n = tl.where(tl.load(found_inf) == 0, n, 0)
-    return f0, f1, f2, scale, n
+    return f0, f1, f2, f3, scale, n
 
 
 @triton.jit
@@ -165,7 +165,7 @@ def _state(row, slot: tl.constexpr, offs, mask, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def _sgd_block(row, offs, mask, lr, wd, mu, damp, scale, clip,
+def _sgd_block(row, offs, mask, neg_lr, wd, mu, damp, scale, clip,
                KIND: tl.constexpr, GKIND: tl.constexpr, ALIGNED: tl.constexpr, MASTER: tl.constexpr,
                MSLOT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
                MAXIMIZE: tl.constexpr, WD: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr):
@@ -184,31 +184,34 @@ def _sgd_block(row, offs, mask, lr, wd, mu, damp, scale, clip,
         else:
             g = buf
     # 3. p = p - lr * g
-    p = p + (-lr) * g
+    p = p + neg_lr * g
     _finish(row, offs, mask, p, KIND, ALIGNED, MASTER, MSLOT)
 
 
 
 # Every kernel: common arguments first (table, blocks, factors, grad_scale, found_inf), then
-# the rule's hyperparameters as runtime fp32 scalars (a new lr is a new argument value, not
-# a new kernel), the uniform step factors f0..f2 and clip, then the compile-time switches.
-# The last block of a tensor takes the masked path; the others a lane-uniform mask.
+# the rule's lr-free hyperparameters as runtime fp32 scalars and the clip bound, then the
+# compile-time switches. Everything that depends on lr or on the step count (-lr, the bias
+# corrections, 1 - lr * wd) is a per-tensor factor from the step prologue, which reads lr
+# from a device tensor when it is one: a new lr is a new value, never a new kernel, and a
+# captured CUDA graph sees it. The last block of a tensor takes the masked path; the others
+# a lane-uniform mask.
 
 
 @triton.jit
-def sgd_kernel(table, blocks, factors, grad_scale, found_inf, lr, wd, mu, f0, f1, f2, clip,
+def sgd_kernel(table, blocks, factors, grad_scale, found_inf, wd, mu, clip,
                W: tl.constexpr, BLOCK: tl.constexpr, KIND: tl.constexpr, GKIND: tl.constexpr,
-               ALIGNED: tl.constexpr, PER_TENSOR: tl.constexpr, HAS_SCALE: tl.constexpr,
+               ALIGNED: tl.constexpr, HAS_SCALE: tl.constexpr,
                HAS_FOUND: tl.constexpr, HAS_CLIP: tl.constexpr, MASTER: tl.constexpr, MSLOT: tl.constexpr,
                MAXIMIZE: tl.constexpr, WD: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr):
-    # f0: 1 - dampening, or 1 on the tensor's first step.
+    # f0: 1 - dampening, or 1 on the tensor's first step; f1: -lr.
     ti, row, n, start, offs = _locate(table, blocks, W, BLOCK)
-    f0, f1, f2, scale, n = _scalars(factors, ti, n, f0, f1, f2, grad_scale, found_inf, PER_TENSOR, HAS_SCALE, HAS_FOUND)
+    f0, f1, f2, f3, scale, n = _scalars(factors, ti, n, grad_scale, found_inf, HAS_SCALE, HAS_FOUND)
     if start + BLOCK <= n:
-        _sgd_block(row, offs, tl.full([BLOCK], 1, tl.int1), lr, wd, mu, f0, scale, clip, KIND, GKIND,
+        _sgd_block(row, offs, tl.full([BLOCK], 1, tl.int1), f1, wd, mu, f0, scale, clip, KIND, GKIND,
                    ALIGNED, MASTER, MSLOT, HAS_SCALE, HAS_CLIP, MAXIMIZE, WD, MOMENTUM, NESTEROV)
     else:
-        _sgd_block(row, offs, offs < n, lr, wd, mu, f0, scale, clip, KIND, GKIND,
+        _sgd_block(row, offs, offs < n, f1, wd, mu, f0, scale, clip, KIND, GKIND,
                    ALIGNED, MASTER, MSLOT, HAS_SCALE, HAS_CLIP, MAXIMIZE, WD, MOMENTUM, NESTEROV)
 
 
@@ -228,20 +231,20 @@ def _adagrad_block(row, offs, mask, wd, eps, neg_clr, scale, clip,
     sp, s = _state(row, 2, offs, mask, ALIGNED)
     s = s + g * g
     tl.store(sp + offs, s, mask=mask)
-    # 3. p = p - clr * g / (sqrt(sum) + eps), clr (step 1) computed on the host per tensor.
+    # 3. p = p - clr * g / (sqrt(sum) + eps), clr (step 1) from the step prologue.
     p = p + neg_clr * (g / (tl.sqrt(s) + eps))
     _finish(row, offs, mask, p, KIND, ALIGNED, MASTER, MSLOT)
 
 
 @triton.jit
-def adagrad_kernel(table, blocks, factors, grad_scale, found_inf, wd, eps, f0, f1, f2, clip,
+def adagrad_kernel(table, blocks, factors, grad_scale, found_inf, wd, eps, clip,
                    W: tl.constexpr, BLOCK: tl.constexpr, KIND: tl.constexpr, GKIND: tl.constexpr,
-                   ALIGNED: tl.constexpr, PER_TENSOR: tl.constexpr, HAS_SCALE: tl.constexpr,
+                   ALIGNED: tl.constexpr, HAS_SCALE: tl.constexpr,
                    HAS_FOUND: tl.constexpr, HAS_CLIP: tl.constexpr, MASTER: tl.constexpr, MSLOT: tl.constexpr,
                    MAXIMIZE: tl.constexpr, WD: tl.constexpr):
     # f0: -lr / (1 + (t - 1) * lr_decay).
     ti, row, n, start, offs = _locate(table, blocks, W, BLOCK)
-    f0, f1, f2, scale, n = _scalars(factors, ti, n, f0, f1, f2, grad_scale, found_inf, PER_TENSOR, HAS_SCALE, HAS_FOUND)
+    f0, f1, f2, f3, scale, n = _scalars(factors, ti, n, grad_scale, found_inf, HAS_SCALE, HAS_FOUND)
     if start + BLOCK <= n:
         _adagrad_block(row, offs, tl.full([BLOCK], 1, tl.int1), wd, eps, f0, scale, clip, KIND, GKIND,
                        ALIGNED, MASTER, MSLOT, HAS_SCALE, HAS_CLIP, MAXIMIZE, WD)
@@ -254,7 +257,7 @@ def adagrad_kernel(table, blocks, factors, grad_scale, found_inf, wd, eps, f0, f
 
 
 @triton.jit
-def _rmsprop_block(row, offs, mask, lr, wd, alpha, eps, mom, scale, clip,
+def _rmsprop_block(row, offs, mask, neg_lr, wd, alpha, eps, mom, scale, clip,
                    KIND: tl.constexpr, GKIND: tl.constexpr, ALIGNED: tl.constexpr, MASTER: tl.constexpr,
                    MSLOT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
                    MAXIMIZE: tl.constexpr, WD: tl.constexpr, CENTERED: tl.constexpr, MOMENTUM: tl.constexpr):
@@ -282,27 +285,27 @@ def _rmsprop_block(row, offs, mask, lr, wd, alpha, eps, mom, scale, clip,
         bp, buf = _state(row, 3 + CENTERED, offs, mask, ALIGNED)
         buf = buf * mom + g / avg
         tl.store(bp + offs, buf, mask=mask)
-        p = p + (-lr) * buf
+        p = p + neg_lr * buf
     else:
         # 3. p = p - lr * g / avg
-        p = p + (-lr) * (g / avg)
+        p = p + neg_lr * (g / avg)
     _finish(row, offs, mask, p, KIND, ALIGNED, MASTER, MSLOT)
 
 
 @triton.jit
-def rmsprop_kernel(table, blocks, factors, grad_scale, found_inf, lr, wd, alpha, eps, mom, f0, f1, f2, clip,
+def rmsprop_kernel(table, blocks, factors, grad_scale, found_inf, wd, alpha, eps, mom, clip,
                    W: tl.constexpr, BLOCK: tl.constexpr, KIND: tl.constexpr, GKIND: tl.constexpr,
-                   ALIGNED: tl.constexpr, PER_TENSOR: tl.constexpr, HAS_SCALE: tl.constexpr,
+                   ALIGNED: tl.constexpr, HAS_SCALE: tl.constexpr,
                    HAS_FOUND: tl.constexpr, HAS_CLIP: tl.constexpr, MASTER: tl.constexpr, MSLOT: tl.constexpr,
                    MAXIMIZE: tl.constexpr, WD: tl.constexpr, CENTERED: tl.constexpr, MOMENTUM: tl.constexpr):
-    # No step-dependent factor: f0..f2 unused.
+    # f0: -lr (no step-dependent factor).
     ti, row, n, start, offs = _locate(table, blocks, W, BLOCK)
-    f0, f1, f2, scale, n = _scalars(factors, ti, n, f0, f1, f2, grad_scale, found_inf, PER_TENSOR, HAS_SCALE, HAS_FOUND)
+    f0, f1, f2, f3, scale, n = _scalars(factors, ti, n, grad_scale, found_inf, HAS_SCALE, HAS_FOUND)
     if start + BLOCK <= n:
-        _rmsprop_block(row, offs, tl.full([BLOCK], 1, tl.int1), lr, wd, alpha, eps, mom, scale, clip,
+        _rmsprop_block(row, offs, tl.full([BLOCK], 1, tl.int1), f0, wd, alpha, eps, mom, scale, clip,
                        KIND, GKIND, ALIGNED, MASTER, MSLOT, HAS_SCALE, HAS_CLIP, MAXIMIZE, WD, CENTERED, MOMENTUM)
     else:
-        _rmsprop_block(row, offs, offs < n, lr, wd, alpha, eps, mom, scale, clip,
+        _rmsprop_block(row, offs, offs < n, f0, wd, alpha, eps, mom, scale, clip,
                        KIND, GKIND, ALIGNED, MASTER, MSLOT, HAS_SCALE, HAS_CLIP, MAXIMIZE, WD, CENTERED, MOMENTUM)
 
 
@@ -356,23 +359,22 @@ def _adam_block(row, offs, mask, wd, decay, beta1, beta2, eps, coupling_scale, n
 
 
 @triton.jit
-def adam_kernel(table, blocks, factors, grad_scale, found_inf, wd, decay, beta1, beta2, eps, coupling_scale,
-                f0, f1, f2, clip,
+def adam_kernel(table, blocks, factors, grad_scale, found_inf, wd, beta1, beta2, eps, coupling_scale, clip,
                 W: tl.constexpr, BLOCK: tl.constexpr, KIND: tl.constexpr, GKIND: tl.constexpr,
-                ALIGNED: tl.constexpr, PER_TENSOR: tl.constexpr, HAS_SCALE: tl.constexpr,
+                ALIGNED: tl.constexpr, HAS_SCALE: tl.constexpr,
                 HAS_FOUND: tl.constexpr, HAS_CLIP: tl.constexpr, MASTER: tl.constexpr, MSLOT: tl.constexpr,
                 MAXIMIZE: tl.constexpr, WD: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
                 COUPLED: tl.constexpr, YOGI: tl.constexpr):
-    # f0 = -lr / bc1, f1 = 1 / sqrt(bc2) (both 1-based: no correction gives -lr and 1).
+    # f0 = -lr / bc1, f1 = 1 / sqrt(bc2) (no correction: -lr and 1), f2 = 1 - lr * wd.
     ti, row, n, start, offs = _locate(table, blocks, W, BLOCK)
-    f0, f1, f2, scale, n = _scalars(factors, ti, n, f0, f1, f2, grad_scale, found_inf, PER_TENSOR, HAS_SCALE, HAS_FOUND)
+    f0, f1, f2, f3, scale, n = _scalars(factors, ti, n, grad_scale, found_inf, HAS_SCALE, HAS_FOUND)
     rowlen = tl.load(row + 1)
     if start + BLOCK <= n:
-        _adam_block(row, offs, tl.full([BLOCK], 1, tl.int1), wd, decay, beta1, beta2, eps, coupling_scale,
+        _adam_block(row, offs, tl.full([BLOCK], 1, tl.int1), wd, f2, beta1, beta2, eps, coupling_scale,
                     f0, f1, scale, clip, rowlen, KIND, GKIND, ALIGNED, MASTER, MSLOT, HAS_SCALE, HAS_CLIP,
                     MAXIMIZE, WD, DECOUPLED, AMSGRAD, COUPLED, YOGI)
     else:
-        _adam_block(row, offs, offs < n, wd, decay, beta1, beta2, eps, coupling_scale,
+        _adam_block(row, offs, offs < n, wd, f2, beta1, beta2, eps, coupling_scale,
                     f0, f1, scale, clip, rowlen, KIND, GKIND, ALIGNED, MASTER, MSLOT, HAS_SCALE, HAS_CLIP,
                     MAXIMIZE, WD, DECOUPLED, AMSGRAD, COUPLED, YOGI)
 
@@ -413,22 +415,21 @@ def _nadam_block(row, offs, mask, wd, decay, beta1, beta2, eps, g_step, m_step, 
 
 
 @triton.jit
-def nadam_kernel(table, blocks, factors, grad_scale, found_inf, wd, decay, beta1, beta2, eps,
-                 f0, f1, f2, clip,
+def nadam_kernel(table, blocks, factors, grad_scale, found_inf, wd, beta1, beta2, eps, clip,
                  W: tl.constexpr, BLOCK: tl.constexpr, KIND: tl.constexpr, GKIND: tl.constexpr,
-                 ALIGNED: tl.constexpr, PER_TENSOR: tl.constexpr, HAS_SCALE: tl.constexpr,
+                 ALIGNED: tl.constexpr, HAS_SCALE: tl.constexpr,
                  HAS_FOUND: tl.constexpr, HAS_CLIP: tl.constexpr, MASTER: tl.constexpr, MSLOT: tl.constexpr,
                  MAXIMIZE: tl.constexpr, WD: tl.constexpr, DECOUPLED: tl.constexpr, RADAM: tl.constexpr):
     # NAdam: f0 = -lr (1 - mu_t) / (1 - Pi_t), f1 = -lr mu_{t+1} / (1 - Pi_t mu_{t+1}), f2 = bc2.
-    # RAdam: f0 = the step size, f1 = 1 if rectified (rho_t > 5) else 0.
+    # RAdam: f0 = the step size, f1 = 1 if rectified (rho_t > 5) else 0. Both: f3 = 1 - lr * wd.
     ti, row, n, start, offs = _locate(table, blocks, W, BLOCK)
-    f0, f1, f2, scale, n = _scalars(factors, ti, n, f0, f1, f2, grad_scale, found_inf, PER_TENSOR, HAS_SCALE, HAS_FOUND)
+    f0, f1, f2, f3, scale, n = _scalars(factors, ti, n, grad_scale, found_inf, HAS_SCALE, HAS_FOUND)
     if start + BLOCK <= n:
-        _nadam_block(row, offs, tl.full([BLOCK], 1, tl.int1), wd, decay, beta1, beta2, eps, f0, f1, f2,
+        _nadam_block(row, offs, tl.full([BLOCK], 1, tl.int1), wd, f3, beta1, beta2, eps, f0, f1, f2,
                      scale, clip, KIND, GKIND, ALIGNED, MASTER, MSLOT, HAS_SCALE, HAS_CLIP, MAXIMIZE, WD,
                      DECOUPLED, RADAM)
     else:
-        _nadam_block(row, offs, offs < n, wd, decay, beta1, beta2, eps, f0, f1, f2,
+        _nadam_block(row, offs, offs < n, wd, f3, beta1, beta2, eps, f0, f1, f2,
                      scale, clip, KIND, GKIND, ALIGNED, MASTER, MSLOT, HAS_SCALE, HAS_CLIP, MAXIMIZE, WD,
                      DECOUPLED, RADAM)
 
@@ -437,7 +438,7 @@ def nadam_kernel(table, blocks, factors, grad_scale, found_inf, wd, decay, beta1
 
 
 @triton.jit
-def _lion_block(row, offs, mask, lr, decay, beta1, beta2, scale, clip,
+def _lion_block(row, offs, mask, neg_lr, decay, beta1, beta2, scale, clip,
                 KIND: tl.constexpr, GKIND: tl.constexpr, ALIGNED: tl.constexpr, MASTER: tl.constexpr,
                 MSLOT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
                 MAXIMIZE: tl.constexpr, WD: tl.constexpr):
@@ -448,7 +449,7 @@ def _lion_block(row, offs, mask, lr, decay, beta1, beta2, scale, clip,
     mp, m = _state(row, 2, offs, mask, ALIGNED)
     # 1. c = beta1 * m + (1 - beta1) * g; p = p - lr * sign(c)
     c = _lerp(m, g, 1.0 - beta1)
-    p = p + (-lr) * _sign(c)
+    p = p + neg_lr * _sign(c)
     # 2. m = beta2 * m + (1 - beta2) * g
     m = _lerp(m, g, 1.0 - beta2)
     tl.store(mp + offs, m, mask=mask)
@@ -456,29 +457,32 @@ def _lion_block(row, offs, mask, lr, decay, beta1, beta2, scale, clip,
 
 
 @triton.jit
-def lion_kernel(table, blocks, factors, grad_scale, found_inf, lr, decay, beta1, beta2, f0, f1, f2, clip,
+def lion_kernel(table, blocks, factors, grad_scale, found_inf, beta1, beta2, clip,
                 W: tl.constexpr, BLOCK: tl.constexpr, KIND: tl.constexpr, GKIND: tl.constexpr,
-                ALIGNED: tl.constexpr, PER_TENSOR: tl.constexpr, HAS_SCALE: tl.constexpr,
+                ALIGNED: tl.constexpr, HAS_SCALE: tl.constexpr,
                 HAS_FOUND: tl.constexpr, HAS_CLIP: tl.constexpr, MASTER: tl.constexpr, MSLOT: tl.constexpr,
                 MAXIMIZE: tl.constexpr, WD: tl.constexpr):
+    # f0 = -lr, f1 = 1 - lr * wd.
     ti, row, n, start, offs = _locate(table, blocks, W, BLOCK)
-    f0, f1, f2, scale, n = _scalars(factors, ti, n, f0, f1, f2, grad_scale, found_inf, PER_TENSOR, HAS_SCALE, HAS_FOUND)
+    f0, f1, f2, f3, scale, n = _scalars(factors, ti, n, grad_scale, found_inf, HAS_SCALE, HAS_FOUND)
     if start + BLOCK <= n:
-        _lion_block(row, offs, tl.full([BLOCK], 1, tl.int1), lr, decay, beta1, beta2, scale, clip,
+        _lion_block(row, offs, tl.full([BLOCK], 1, tl.int1), f0, f1, beta1, beta2, scale, clip,
                     KIND, GKIND, ALIGNED, MASTER, MSLOT, HAS_SCALE, HAS_CLIP, MAXIMIZE, WD)
     else:
-        _lion_block(row, offs, offs < n, lr, decay, beta1, beta2, scale, clip,
+        _lion_block(row, offs, offs < n, f0, f1, beta1, beta2, scale, clip,
                     KIND, GKIND, ALIGNED, MASTER, MSLOT, HAS_SCALE, HAS_CLIP, MAXIMIZE, WD)
 
 
-# ----- the step prologue: step-dependent factors from device step counts ---------------------
+# ----- the step prologue: lr- and step-dependent factors, on the device -----------------------
 
-# RULE of factors_kernel: which factors to compute (rmsprop and lion have none).
+# RULE of factors_kernel: which factors to compute.
 P_SGD: tl.constexpr = tl.constexpr(0)
 P_ADAGRAD: tl.constexpr = tl.constexpr(1)
 P_ADAM: tl.constexpr = tl.constexpr(2)
 P_NADAM: tl.constexpr = tl.constexpr(3)
 P_RADAM: tl.constexpr = tl.constexpr(4)
+P_RMSPROP: tl.constexpr = tl.constexpr(5)
+P_LION: tl.constexpr = tl.constexpr(6)
 
 
 @triton.jit
@@ -502,15 +506,18 @@ def _powi(base, e):
 
 
 @triton.jit
-def factors_kernel(table, factors, found_inf, n, lr_hi, lr_lo, b1_hi, b1_lo, b2_hi, b2_lo, c_hi, c_lo,
-                   W: tl.constexpr, BLOCK: tl.constexpr, RULE: tl.constexpr, BIAS: tl.constexpr,
-                   HAS_FOUND: tl.constexpr):
-    """Per-tensor step factors ``factors[i, 0:3]`` (fp32) from the device step count
-    ``t_i`` (slot 0 of table row i, after this step's increment), in float64 as the
-    reference computes them on the host; the elementwise kernel then reads them as its
-    per-tensor factors. NAdam also multiplies ``mu_product`` (slot 1) by ``mu_t`` here,
-    once per tensor and step, unless ``found_inf`` is set. ``c``: SGD's 1 - dampening,
-    AdaGrad's lr_decay, NAdam's 0.96^psi."""
+def factors_kernel(table, factors, found_inf, lr_ptr, n, lr_hi, lr_lo, wd_hi, wd_lo, b1_hi, b1_lo, b2_hi, b2_lo,
+                   c_hi, c_lo, W: tl.constexpr, BLOCK: tl.constexpr, RULE: tl.constexpr, BIAS: tl.constexpr,
+                   HAS_FOUND: tl.constexpr, LR_TENSOR: tl.constexpr):
+    """Per-tensor factors ``factors[i, 0:4]`` (fp32) of the elementwise kernel: every
+    quantity that depends on lr or on the step count ``t_i`` (slot 0 of table row i, after
+    this step's increment), in float64 as the reference computes them on the host.
+
+    lr is ``*lr_ptr`` when LR_TENSOR (a 0-d device tensor, read at launch time, so a
+    captured graph follows it), else the argument pair ``lr_hi + lr_lo``. NAdam also
+    multiplies ``mu_product`` (slot 1) by ``mu_t`` here, once per tensor and step, unless
+    ``found_inf`` is set. ``c``: SGD's 1 - dampening, AdaGrad's lr_decay, NAdam's 0.96^psi.
+    """
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = i < n
     row = table + i.to(tl.int64) * W + HEADER
@@ -518,16 +525,29 @@ def factors_kernel(table, factors, found_inf, n, lr_hi, lr_lo, b1_hi, b1_lo, b2_
     t32 = tl.load(sp, mask=mask, other=1.0)
     t = t32.to(tl.float64)
     e = tl.minimum(t32, 4294967295.0).to(tl.int64)
-    lr = _f64(lr_hi, lr_lo)
-    c = _f64(c_hi, c_lo)
     zero = tl.full([BLOCK], 0.0, tl.float64)  # (tl.zeros is a @jit function: see the norm kernel)
+    if LR_TENSOR:
+        lr = tl.load(lr_ptr + i * 0, mask=mask, other=0).to(tl.float64)
+    else:
+        lr = _f64(lr_hi, lr_lo) + zero
+    c = _f64(c_hi, c_lo)
+    # Decoupled weight decay's factor (Loshchilov & Hutter 2019), in float64 as on the host.
+    decay = 1.0 - lr * _f64(wd_hi, wd_lo)
+    f0 = zero
     f1 = zero
     f2 = zero
+    f3 = zero
     if RULE == P_SGD:
         # The first step is undampened (buf_1 = g).
         f0 = tl.where(t == 1.0, 1.0 + zero, c + zero)
+        f1 = -lr
     elif RULE == P_ADAGRAD:
         f0 = -lr / (1.0 + (t - 1.0) * c)
+    elif RULE == P_RMSPROP:
+        f0 = -lr
+    elif RULE == P_LION:
+        f0 = -lr
+        f1 = decay
     else:
         beta1 = _f64(b1_hi, b1_lo)
         beta2 = _f64(b2_hi, b2_lo)
@@ -539,8 +559,9 @@ def factors_kernel(table, factors, found_inf, n, lr_hi, lr_lo, b1_hi, b1_lo, b2_
                 f0 = -lr / bc1
                 f1 = 1.0 / tl.sqrt(bc2)
             else:
-                f0 = zero - lr
+                f0 = -lr
                 f1 = zero + 1.0
+            f2 = decay
         elif RULE == P_NADAM:
             # mu_t = beta1 (1 - 0.5 * 0.96^(t psi)) = beta1 (1 - 0.5 c^t), c = 0.96^psi.
             ct = _powi(c, e)
@@ -557,6 +578,7 @@ def factors_kernel(table, factors, found_inf, n, lr_hi, lr_lo, b1_hi, b1_lo, b2_
             f0 = -lr * (1.0 - mu) / (1.0 - pr)
             f1 = -lr * mu_next / (1.0 - pr * mu_next)
             f2 = bc2
+            f3 = decay
         else:
             # RAdam: rho_t (Liu et al. 2020, eq. 5); rectified while rho_t > 5.
             rho_inf = 2.0 / (1.0 - beta2) - 1.0
@@ -566,10 +588,12 @@ def factors_kernel(table, factors, found_inf, n, lr_hi, lr_lo, b1_hi, b1_lo, b2_
             r = tl.sqrt((safe - 4.0) * (safe - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * safe))
             f0 = tl.where(rect, -lr * r * tl.sqrt(bc2) / bc1, -lr / bc1)
             f1 = tl.where(rect, 1.0 + zero, zero)
+            f3 = decay
     out = factors + i.to(tl.int64) * 4
     tl.store(out, f0.to(tl.float32), mask=mask)
     tl.store(out + 1, f1.to(tl.float32), mask=mask)
     tl.store(out + 2, f2.to(tl.float32), mask=mask)
+    tl.store(out + 3, f3.to(tl.float32), mask=mask)
 
 
 # ----- the gradient norm ---------------------------------------------------------------------

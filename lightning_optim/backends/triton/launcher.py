@@ -2,7 +2,7 @@
 
 ``run`` does, per (device, dtype) bucket: check dtypes; bring every tensor into a layout
 the kernel can walk linearly (see :func:`_layouts`); Coupled Adam's row pre-pass; the
-step factors from the device step counts (the prologue kernel, :func:`_device_factors`);
+lr- and step-dependent factors (the prologue kernel, :func:`_device_factors`);
 the table from the cache; one launch; copy back any work copies. See the package docstring for the design.
 """
 
@@ -149,21 +149,20 @@ def _layouts(params: Sequence[Tensor], grads: Sequence[Tensor], states: list[lis
 
 
 def _plan(rule: str, h: dict):
-    """(kernel name, state slot keys, runtime floats, switches) of ``rule``; its step
-    factors come from :func:`_prologue`."""
+    """(kernel name, state slot keys, runtime floats, switches) of ``rule``. The floats are
+    the lr-free hyperparameters: everything with lr or t in it is a factor of
+    :func:`_prologue`."""
     wd = float(h.get("weight_decay", 0.0))
-    lr = float(h["lr"])
-    decay = 1 - lr * wd
     if rule == "sgd":
         mu = float(h["momentum"])
         return ("sgd_kernel", ["momentum_buffer"] if mu != 0 else [],
-                dict(lr=lr, wd=wd, mu=mu), dict(WD=wd != 0, MOMENTUM=mu != 0, NESTEROV=bool(h["nesterov"])))
+                dict(wd=wd, mu=mu), dict(WD=wd != 0, MOMENTUM=mu != 0, NESTEROV=bool(h["nesterov"])))
     if rule == "adagrad":
         return ("adagrad_kernel", ["sum"], dict(wd=wd, eps=float(h["eps"])), dict(WD=wd != 0))
     if rule == "rmsprop":
         keys = ["square_avg"] + (["grad_avg"] if h["centered"] else []) + (["momentum_buffer"] if h["momentum"] > 0 else [])
         return ("rmsprop_kernel", keys,
-                dict(lr=lr, wd=wd, alpha=float(h["alpha"]), eps=float(h["eps"]), mom=float(h["momentum"])),
+                dict(wd=wd, alpha=float(h["alpha"]), eps=float(h["eps"]), mom=float(h["momentum"])),
                 dict(WD=wd != 0, CENTERED=bool(h["centered"]), MOMENTUM=h["momentum"] > 0))
     beta1, beta2 = (float(b) for b in h["betas"])
     if rule in ("adam", "coupled_adam", "yogi"):
@@ -175,16 +174,16 @@ def _plan(rule: str, h: dict):
             keys = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
         decoupled = rule == "yogi" or bool(h["decoupled_weight_decay"])
         return ("adam_kernel", keys,
-                dict(wd=wd, decay=decay, beta1=beta1, beta2=beta2, eps=float(h["eps"]),
+                dict(wd=wd, beta1=beta1, beta2=beta2, eps=float(h["eps"]),
                      coupling_scale=float(h.get("coupling_scale", 1.0))),
                 dict(WD=wd != 0, DECOUPLED=decoupled, AMSGRAD=amsgrad and not coupled, COUPLED=coupled,
                      YOGI=rule == "yogi"))
     if rule in ("nadam", "radam"):
         return ("nadam_kernel", ["exp_avg", "exp_avg_sq"],
-                dict(wd=wd, decay=decay, beta1=beta1, beta2=beta2, eps=float(h["eps"])),
+                dict(wd=wd, beta1=beta1, beta2=beta2, eps=float(h["eps"])),
                 dict(WD=wd != 0, DECOUPLED=bool(h["decoupled_weight_decay"]), RADAM=rule == "radam"))
     if rule == "lion":
-        return ("lion_kernel", ["exp_avg"], dict(lr=lr, decay=decay, beta1=beta1, beta2=beta2), dict(WD=wd != 0))
+        return ("lion_kernel", ["exp_avg"], dict(beta1=beta1, beta2=beta2), dict(WD=wd != 0))
     raise invalid("backend 'triton'", "rule", rule, "must be one of the reference rules")
 
 
@@ -199,54 +198,71 @@ def _split(x: float) -> tuple[float, float]:
     return hi, x - hi
 
 
-def _prologue(rule: str, h: dict) -> tuple[int, tuple[float, float, float, float], bool] | None:
-    """(RULE, (lr, beta1, beta2, c), BIAS) of :func:`kernels.factors_kernel` for ``rule``,
-    or None when the rule has no step-dependent factor (RMSprop, Lion)."""
-    lr = float(h["lr"])
+def _prologue(rule: str, h: dict) -> tuple[int, tuple[float, float, float, float], bool]:
+    """(RULE, (wd, beta1, beta2, c), BIAS) of :func:`kernels.factors_kernel` for ``rule``
+    (lr is passed on its own: a float or a device tensor)."""
+    wd = float(h.get("weight_decay", 0.0))
     if rule == "sgd":
-        return 0, (lr, 0.0, 0.0, 1.0 - float(h["dampening"])), False
+        return 0, (wd, 0.0, 0.0, 1.0 - float(h["dampening"])), False
     if rule == "adagrad":
-        return 1, (lr, 0.0, 0.0, float(h["lr_decay"])), False
-    if rule in ("rmsprop", "lion"):
-        return None
+        return 1, (wd, 0.0, 0.0, float(h["lr_decay"])), False
+    if rule == "rmsprop":
+        return 5, (wd, 0.0, 0.0, 0.0), False
+    if rule == "lion":
+        return 6, (wd, 0.0, 0.0, 0.0), False
     beta1, beta2 = (float(b) for b in h["betas"])
     if rule in ("adam", "coupled_adam", "yogi"):
-        return 2, (lr, beta1, beta2, 0.0), bool(h.get("bias_correction", True))
+        return 2, (wd, beta1, beta2, 0.0), bool(h.get("bias_correction", True))
     if rule == "nadam":
-        return 3, (lr, beta1, beta2, 0.96 ** float(h["momentum_decay"])), False
+        return 3, (wd, beta1, beta2, 0.96 ** float(h["momentum_decay"])), False
     if rule == "radam":
-        return 4, (lr, beta1, beta2, 0.0), False
+        return 4, (wd, beta1, beta2, 0.0), False
     raise invalid("backend 'triton'", "rule", rule, "must be one of the reference rules")
 
 
+def _lr(lr: float | Tensor, device: torch.device) -> tuple[Tensor | None, float]:
+    """(the lr tensor the prologue reads, or None; the float it takes otherwise).
+
+    A tensor lr stays a tensor all the way to the kernel: read on the device at launch
+    time, so a scheduler's in-place ``fill_`` reaches a replayed CUDA graph. One on another
+    device or of another dtype is converted (an op, not a host read: still capturable)."""
+    if not isinstance(lr, Tensor):
+        return None, float(lr)
+    if lr.numel() != 1:
+        raise invalid("backend 'triton'", "lr", f"a tensor of shape {list(lr.shape)}",
+                      "a tensor lr must have one element")
+    if lr.device != device or lr.dtype not in (torch.float32, torch.float64):
+        lr = lr.to(device=device, dtype=torch.float32, non_blocking=True)
+    return lr, 0.0
+
+
 def _device_factors(rule: str, h: dict, state: dict[str, list[Tensor]], steps: Sequence[Tensor],
-                    found_inf: Tensor | None, device: torch.device) -> Tensor | None:
-    """The per-tensor factors of a bucket with device step counts: one launch of the step
-    prologue, reading each ``t`` (and NAdam's ``mu_product``) through a cached table of
-    their addresses, writing an fp32 ``(n, 4)`` device array. None: the rule has none."""
+                    found_inf: Tensor | None, device: torch.device) -> Tensor:
+    """The per-tensor factors of a bucket: one launch of the step prologue, reading each
+    ``t`` (and NAdam's ``mu_product``) through a cached table of their addresses and lr
+    from its tensor or argument, writing an fp32 ``(n, 4)`` device array."""
     owner = "backend 'triton'"
     for t in steps:
         if t.device != device or t.dtype != torch.float32 or t.numel() != 1:
             raise invalid(owner, "step", f"a {t.dtype} tensor of shape {list(t.shape)} on {t.device}",
                           f"device step counts must be float32 0-d tensors on the params' device ({device})")
-    spec = _prologue(rule, h)
+    code, values, bias = _prologue(rule, h)
+    lr_tensor, lr = _lr(h["lr"], device)
     products = list(state["mu_product"]) if rule == "nadam" else None
     if products is not None:
         for t in products:
             if t.device != device or t.dtype != torch.float32:
                 raise invalid(owner, "mu_product", f"a {t.dtype} tensor on {t.device}",
                               f"must be a float32 0-d tensor on the params' device ({device}) with device steps")
-    if spec is None:
-        return None
-    code, values, bias = spec
     n = len(steps)
     tab = TABLES.get([list(steps)] + ([products] if products is not None else []), [1] * n, BLOCK["cpu"])
     out = torch.empty((n, 4), dtype=torch.float32, device=device)
-    args = [a for v in values for a in _split(v)]
+    args = [a for v in (lr, *values) for a in _split(v)]
+    dummy = _dummy(device)
     kernels(device).factors_kernel[(_cdiv(n, PROLOGUE_BLOCK),)](
-        tab.table, out, _dummy(device) if found_inf is None else found_inf, n, *args,
-        W=tab.width, BLOCK=PROLOGUE_BLOCK, RULE=code, BIAS=bias, HAS_FOUND=found_inf is not None,
-        num_warps=1,
+        tab.table, out, dummy if found_inf is None else found_inf, dummy if lr_tensor is None else lr_tensor,
+        n, *args, W=tab.width, BLOCK=PROLOGUE_BLOCK, RULE=code, BIAS=bias, HAS_FOUND=found_inf is not None,
+        LR_TENSOR=lr_tensor is not None, num_warps=1,
     )
     return out
 
@@ -314,7 +330,7 @@ def run(rule: str, params: Sequence[Tensor], grads: Sequence[Tensor], state: dic
     if coupled:
         # Before the layout copies, so a copied row already holds the new second moment.
         _coupled_rows(list(grads), state, group, row_mean, grad_scale, found_inf, clip_value)
-    # Device step counts: the factors come from the step prologue, on the device (before the
+    # lr- and step-dependent factors come from the step prologue, on the device (before the
     # elementwise kernel on the same stream; also for a bucket of empty tensors: NAdam's
     # mu_product advances for every tensor that got a gradient, as in the reference).
     factors = _device_factors(rule, group, state, steps, found_inf, device)
@@ -328,13 +344,12 @@ def run(rule: str, params: Sequence[Tensor], grads: Sequence[Tensor], state: dic
         kernel = getattr(kernels(device), kernel_name)
         kernel[(tab.nblocks,)](
             tab.table, tab.blocks,
-            dummy if factors is None else factors,
+            factors,
             dummy if grad_scale is None else grad_scale,
             dummy if found_inf is None else found_inf,
-            **floats, f0=0.0, f1=0.0, f2=0.0,
-            clip=float(clip_value or 0.0),
+            **floats, clip=float(clip_value or 0.0),
             W=tab.width, BLOCK=block, KIND=kind, GKIND=_KIND[gs[0].dtype], ALIGNED=tab.aligned,
-            PER_TENSOR=factors is not None, HAS_SCALE=grad_scale is not None, HAS_FOUND=found_inf is not None,
+            HAS_SCALE=grad_scale is not None, HAS_FOUND=found_inf is not None,
             HAS_CLIP=clip_value is not None, MASTER=master is not None, MSLOT=len(keys) + 2,
             MAXIMIZE=bool(group.get("maximize", False)), **switches,
             num_warps=NUM_WARPS, enable_fp_fusion=True,
