@@ -13,6 +13,8 @@ import numbers
 from collections.abc import Iterable
 from typing import Any
 
+import torch
+
 
 class LightningOptimWarning(UserWarning):
     """Warnings about a configuration that runs, but maybe not as the user expects."""
@@ -45,6 +47,20 @@ def at_least(owner: str, field: str, value: Any, low: float = 0.0) -> float:
     if math.isinf(v):  # an infinite lr, decay or eps turns every parameter into inf or NaN
         raise invalid(owner, field, value, "must be finite")
     return v
+
+
+def learning_rate(owner: str, value: Any) -> Any:
+    """A learning rate: a finite number >= 0, returned as a float, or a one-element
+    floating-point tensor with such a value, returned as that same tensor (its identity is
+    what a scheduler's in-place ``fill_`` and a captured CUDA graph rely on). Reading the
+    tensor's value here is a host read, once, at construction or load time."""
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point() or value.numel() != 1:
+            raise invalid(owner, "lr", f"a {value.dtype} tensor of shape {list(value.shape)}",
+                          "a tensor lr must be a floating-point tensor with one element")
+        at_least(owner, "lr", float(value))
+        return value
+    return at_least(owner, "lr", value)
 
 
 def positive(owner: str, field: str, value: Any, *, allow_inf: bool = False) -> float:

@@ -352,3 +352,57 @@ def test_step_is_captured_by_a_cuda_graph(name, monkeypatch):
     for a, e in zip(params, eager):
         torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-7)
     assert all(opt.state[p]["step"].item() == 6 for p in params)
+
+
+@cuda_only
+@pytest.mark.parametrize("name", ["adamw", "lion", "coupled_adam"])
+def test_captured_step_follows_a_tensor_lr_schedule(name, monkeypatch):
+    """lr as a 0-d CUDA tensor, changed by a cosine schedule between replays: the replayed
+    graph reads the new value each time and equals the eager run with the same schedule."""
+    from lightning_optim.schedules import build_scheduler
+
+    monkeypatch.delenv("TRITON_INTERPRET")
+    gen = torch.Generator().manual_seed(32)
+    start = [torch.randn(s, generator=gen) for s in ((4096,), (33, 65), (7,))]
+    grads = [[torch.randn(t.shape, generator=gen).cuda() for t in start] for _ in range(8)]
+
+    def build(params):
+        groups = ([{"params": params[1:2], "coupled": True}, {"params": params[:1] + params[2:]}]
+                  if name == "coupled_adam" else params)
+        opt = lo.create_optimizer({"name": name, "lr": 1e-2}, groups, backend="triton")
+        for group in opt.param_groups:
+            group["lr"] = torch.tensor(group["lr"], device="cuda")
+        return opt, build_scheduler(opt, "cosine", warmup_steps=2, total_steps=8)
+
+    eager = [t.cuda().requires_grad_() for t in start]
+    eager_opt, eager_sched = build(eager)
+    for gs in grads:
+        for p, g in zip(eager, gs):
+            p.grad = g.clone()
+        eager_opt.step()
+        eager_sched.step()
+
+    params = [t.cuda().requires_grad_() for t in start]
+    opt, sched = build(params)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for gs in grads[:3]:
+            for p, g in zip(params, gs):
+                p.grad.copy_(g)
+            opt.step()
+            sched.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for gs in grads[3:]:
+        for p, g in zip(params, gs):
+            p.grad.copy_(g)
+        graph.replay()
+        sched.step()
+    torch.cuda.synchronize()
+    for a, e in zip(params, eager):
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-7)

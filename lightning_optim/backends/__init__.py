@@ -6,10 +6,14 @@
   (:mod:`.triton`): CUDA tensors with Triton installed (``pip install lightning_optim[triton]``),
   or CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``, for tests: slow).
 
-``auto`` picks ``foreach`` on every device torch has foreach ops for, else ``reference``.
-The Triton kernels are checked against the reference under the interpreter on every CI run,
-but not yet on a GPU: until that check is recorded in ``benchmarks/RESULTS.md``, ``triton``
-is opt-in, and ``auto`` does not pick it on CUDA (:data:`AUTO_PICKS_TRITON`).
+``auto`` picks ``triton`` when every param is a CUDA tensor of fp32, bf16 or fp16 and
+Triton is importable, else ``foreach`` on every device torch has foreach ops for, else
+``reference``. The Triton kernels are checked against the reference under the interpreter
+on every CI run; on a GPU, an optimizer that ``auto`` gave ``triton`` first runs
+:func:`.triton.selfcheck.verify` for each of its param groups (two steps of the kernel on
+scratch tensors against the reference, once per configuration and process) and falls back
+to ``foreach``, with a warning that says why, when a kernel fails to compile or disagrees.
+An explicit ``backend="triton"`` is trusted as asked.
 
 An optimizer resolves its ``backend`` argument once, at construction, with
 :func:`resolve`, and calls :func:`runner` for the function that updates a bucket:
@@ -35,9 +39,8 @@ BACKENDS = ("auto", "reference", "foreach", "triton")
 # where it has no fused kernel, which still beats a Python loop.
 _FOREACH_DEVICES = {"cpu", "cuda", "xpu", "mps", "hpu"}
 _TRITON_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
-# False until the CUDA runs of tests/test_triton.py and benchmarks/step.py have passed on a
-# GPU: a default that silently trains differently is worse than a slower one.
-AUTO_PICKS_TRITON = False
+# Where ``auto`` may pick triton. (Tests add "cpu" to reach the same code under the interpreter.)
+AUTO_TRITON_DEVICES = {"cuda"}
 
 Runner = Callable[..., None]
 
@@ -52,7 +55,8 @@ def resolve(owner: str, backend: str, params: Iterable[torch.Tensor]) -> str:
         return backend
     if backend != "auto":
         return backend
-    if (AUTO_PICKS_TRITON and devices == {"cuda"} and triton_backend.available()
+    if (params and devices <= AUTO_TRITON_DEVICES and triton_backend.available()
+            and (devices != {"cpu"} or triton_backend.interpreter_enabled())
             and all(p.dtype in _TRITON_DTYPES for p in params)):
         return "triton"
     return "foreach" if devices <= _FOREACH_DEVICES else "reference"

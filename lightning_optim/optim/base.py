@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, sharding
-from ..validation import LightningOptimWarning, at_least, boolean
+from ..validation import LightningOptimWarning, at_least, boolean, learning_rate
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Scalar state that stays a CPU float32 tensor whatever the param: torch's format.
@@ -77,8 +77,16 @@ class Optimizer(torch.optim.Optimizer):
     Args:
         params: tensors, ``(name, tensor)`` pairs, or param-group dicts, as torch takes them.
         defaults: the hyperparameters, validated by the subclass's ``_validate``.
-        backend: ``"auto"`` (foreach on every device torch supports), ``"reference"``,
-            ``"foreach"`` or ``"triton"``. Resolved once, here; see :mod:`..backends`.
+        backend: ``"auto"`` (triton for CUDA params when Triton is installed and its kernels
+            pass a one-time check on the device, else foreach on every device torch
+            supports), ``"reference"``, ``"foreach"`` or ``"triton"``. Resolved once, here;
+            see :mod:`..backends`.
+
+    ``lr`` may be a float or, as in torch, a one-element floating-point tensor. A tensor lr
+    keeps its identity (schedulers ``fill_`` it in place; ``load_state_dict`` copies the
+    saved value into it). The triton backend reads it on the device at every launch, so a
+    step captured in a CUDA graph follows a changing lr; the other backends read it on the
+    host once per group and step.
 
     Every rule class also takes ``master_weights: bool = False``, a group option (param
     groups may set it each their own way): keep an fp32 master copy of every bf16/fp16
@@ -106,6 +114,9 @@ class Optimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.backend = backends.resolve(self._owner, backend, chain.from_iterable(g["params"] for g in self.param_groups))
         self._run = backends.runner(self.backend)
+        # auto's triton is trusted only after the kernels pass their check on this device.
+        self._auto_triton = backend == "auto" and self.backend == "triton"
+        self._check_auto_triton(self.param_groups)
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
@@ -121,7 +132,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def _validate(self, h: dict[str, Any], owner: str) -> dict[str, Any]:
         """Check and normalize the hyperparameters in ``h``; return it."""
-        h["lr"] = at_least(owner, "lr", h["lr"])
+        h["lr"] = learning_rate(owner, h["lr"])
         if "weight_decay" in h:
             h["weight_decay"] = at_least(owner, "weight_decay", h["weight_decay"])
         if "eps" in h:
@@ -164,6 +175,40 @@ class Optimizer(torch.optim.Optimizer):
             del state["master_param"]
         return wants
 
+    # ----- backend="auto" on CUDA -------------------------------------------------------------
+
+    def _check_auto_triton(self, groups: list[dict[str, Any]]) -> None:
+        """When ``auto`` picked triton: verify each group's kernel against the reference on
+        the group's devices and dtypes (:func:`~lightning_optim.backends.triton.selfcheck.verify`,
+        cached per configuration and process), and on the first failure fall back to
+        ``foreach`` for the whole optimizer, warning once with the reason. The check covers
+        the group's options as they are now; changing a compile-time option (amsgrad,
+        nesterov...) later is not checked again."""
+        if not self._auto_triton:
+            return
+        from ..backends.triton import selfcheck
+
+        for group in groups:
+            for dtype, device in {(p.dtype, p.device) for p in group["params"]}:
+                reason = selfcheck.verify(self._rule(group), group, dtype, device, self._init_state)
+                if reason is not None:
+                    self._fall_back_to_foreach(reason)
+                    return
+
+    def _fall_back_to_foreach(self, reason: str) -> None:
+        self._auto_triton = False
+        self.backend = "foreach"
+        self._run = backends.runner(self.backend)
+        for state in self.state.values():  # step counts back to the CPU, where foreach keeps them
+            self._scalars_to(state, torch.device("cpu"))
+        self._warn_once(
+            "auto_triton",
+            f"{self._owner}: backend='auto' chose the fused Triton kernels, but their check against the "
+            f"reference failed on this machine: {reason}. Using backend='foreach' instead (same results, "
+            "slower). Please report this with your GPU, driver and Triton versions; backend='foreach' "
+            "silences this warning.",
+        )
+
     # ----- torch.optim.Optimizer ------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -177,6 +222,8 @@ class Optimizer(torch.optim.Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+        if getattr(self, "_auto_triton", False):  # a group added after construction
+            self._check_auto_triton(self.param_groups[-1:])
         if param_group.get("coupled", False) and not self.couples:
             self._warn_once(
                 "coupled",
@@ -227,6 +274,9 @@ class Optimizer(torch.optim.Optimizer):
                 bucket[3].append(state["step"])
                 bucket[4].append(p)
             rule = self._rule(group)
+            # A tensor lr: the triton kernels read it on the device; the other backends take
+            # a float (one host read per group and step).
+            hyper = group if on_device or not isinstance(group["lr"], Tensor) else {**group, "lr": float(group["lr"])}
             for params, grads, state_lists, step_tensors, originals in buckets.values():
                 torch._foreach_add_(step_tensors, 1.0)
                 hook = sharding.row_mean(originals) if rule == "coupled_adam" else None
@@ -237,11 +287,11 @@ class Optimizer(torch.optim.Optimizer):
                         # 0 or 1 (GradScaler sums the flags of several devices), as a 0-d tensor.
                         found = amp_found.to(device=params[0].device, non_blocking=True).reshape(()).ne(0).float()
                         torch._foreach_sub_(step_tensors, [found] * len(step_tensors))
-                    self._run(rule, params, grads, state_lists, step_tensors, group, row_mean=hook,
+                    self._run(rule, params, grads, state_lists, step_tensors, hyper, row_mean=hook,
                               found_inf=found, **self._gradient_transform(gi, grads, amp_scale))
                     continue
                 steps = torch.stack(step_tensors).tolist()
-                self._run(rule, params, grads, state_lists, steps, group, row_mean=hook,
+                self._run(rule, params, grads, state_lists, steps, hyper, row_mean=hook,
                           **self._gradient_transform(gi, grads))
         self._next_transforms.clear()
         return loss
@@ -323,6 +373,9 @@ class Optimizer(torch.optim.Optimizer):
                 self._check_loaded(entry, *located[pid])
         # master_weights is this optimizer's choice, as its backend is: torch lets saved options win.
         masters = [g.get("master_weights") for g in self.param_groups]
+        # A tensor lr keeps its identity (a scheduler or a captured graph holds it): the saved
+        # value is copied into it.
+        lr_tensors = [g["lr"] if isinstance(g["lr"], Tensor) else None for g in self.param_groups]
         super().load_state_dict(state_dict)
         for pid, entry in state_dict["state"].items():
             if pid not in located:
@@ -339,11 +392,18 @@ class Optimizer(torch.optim.Optimizer):
             if "step" not in state:
                 # torch.optim.SGD keeps no step; a loaded buffer means the first step is behind us.
                 state["step"] = scalar(1.0).to(self._scalar_device(p))
-        for group, master in zip(self.param_groups, masters):
+        for group, master, lr in zip(self.param_groups, masters, lr_tensors):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
             if master is not None:
                 group["master_weights"] = master
+            if lr is not None and group["lr"] is not lr:
+                saved = group["lr"]
+                if isinstance(saved, Tensor):
+                    lr.copy_(saved)
+                else:
+                    lr.fill_(saved)
+                group["lr"] = lr
             owner = f"{self._owner} group {group.get('name', 'unnamed')!r}"
             group.update(self._validate({k: v for k, v in group.items() if k not in ("params", "param_names")}, owner))
             self._check_params(group)
@@ -441,3 +501,4 @@ class Optimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_owner", type(self).__name__)
         self.__dict__.setdefault("_warned", set())
         self.__dict__.setdefault("_next_transforms", {})
+        self.__dict__.setdefault("_auto_triton", False)

@@ -16,11 +16,14 @@ One launch per bucket
     (:mod:`.table`): in steady state a step uploads nothing and rebuilds nothing.
 
 What reaches the kernel, and how
-    Hyperparameters (lr, betas, eps, the decay factor ``1 - lr * wd``...) are runtime fp32
-    kernel arguments: Triton never specializes on float values, so a scheduler changing lr
-    every step reuses the same compiled kernel. Only options that change the code (amsgrad,
-    nesterov, centered, maximize, weight decay on/off, decoupled, dtype) are compile-time
-    switches: a handful of variants per rule, each compiled once.
+    Everything that depends on lr or on the step count (``-lr``, the bias corrections, the
+    decay factor ``1 - lr * wd``) is a per-tensor factor computed on the device by the step
+    prologue (below), which takes lr as a Python float or reads it from a 0-d device tensor
+    (a group's ``lr`` may be one, as in torch). The other hyperparameters (betas, eps, wd,
+    momentum...) are runtime fp32 kernel arguments: Triton never specializes on float
+    values, so nothing recompiles when a value changes. Only options that change the code
+    (amsgrad, nesterov, centered, maximize, weight decay on/off, decoupled, dtype) are
+    compile-time switches: a handful of variants per rule, each compiled once.
 
 Step counts on the device, and the step prologue
     ``Optimizer.step`` keeps each param's ``step`` (and NAdam's ``mu_product``) as a float32
@@ -32,22 +35,23 @@ Step counts on the device, and the step prologue
     fp32 ``(n, 4)`` device array the elementwise kernel reads: the bias corrections
     folded into ``-lr / (1 - beta1^t)`` and ``1 / sqrt(1 - beta2^t)``, AdaGrad's decayed
     lr, NAdam's momentum-schedule coefficients, RAdam's rectification, SGD's undampened
-    first step. The prologue computes in float64 as the reference does on the host
+    first step, and for every rule ``-lr`` or ``1 - lr * wd`` where it uses them. The prologue computes in float64 as the reference does on the host
     (``beta^t`` by repeated squaring of the integer t, ~1e-14 relative; fp64
     hyperparameters arrive as two fp32 arguments each, hi + lo, since Triton passes Python
     floats as fp32), and rounds each factor once to fp32: the same values as host factors,
     to an ulp. NAdam: the prologue also does ``mu_product *= mu_t``, once per tensor and
     step (one lane per tensor, not per block), skipped when ``found_inf`` is set. Tensors
     on different counts in one bucket (a param that first got a gradient late) cost
-    nothing extra. RMSprop and Lion have no step factor and no prologue.
+    nothing extra. RMSprop and Lion have no step factor, but their ``-lr`` and decay come
+    from the prologue too: one way for lr to reach every kernel.
 
     ``steps`` may also be Python floats (the backend signature the reference and foreach
     backends take): they are put on the device as 0-d tensors and go through the same
     prologue, so there is one way the factors are computed.
 
     Per-step host work: one ``data_ptr`` per tensor and slot (the table cache keys), the
-    hyperparameters as kernel arguments, two launches (one for RMSprop and Lion), plus the
-    foreach increment of the counts. None of it depends on a tensor's value.
+    hyperparameters as kernel arguments, two launches, plus the foreach increment of the
+    counts. None of it depends on a tensor's value.
 
 Precision
     Loads upcast to fp32, the math is fp32 in registers, stores round once (bf16 by hand to
@@ -98,12 +102,13 @@ Capturing the step in a CUDA graph
        and found_inf buffers static: capture ``scaler.step`` as torch documents for
        capturable optimizers).
 
-    Limitation: every hyperparameter, lr included, is a Python float, baked into the
-    captured launch as a kernel argument. A scheduler that changes ``lr`` has no effect on
-    a replayed graph: re-capture after changing it, or keep lr constant while captured
-    (a 0-d device-tensor ``lr`` is not supported yet). ``scale_next_step`` coefficients
-    are tensors and replay fine if the same tensor is refilled; a ``clip_value`` bound is
-    a float, baked in.
+    A changing lr: give the groups a 0-d float32 tensor ``lr`` on the params' device
+    (``lr=torch.tensor(3e-4, device="cuda")``). The prologue reads it at every replay, and
+    schedulers (torch's and :mod:`lightning_optim.schedules`) update it in place with
+    ``fill_``, outside the graph. A Python-float lr is baked into the captured launch, as
+    are the other hyperparameters (betas, eps, wd...): re-capture after changing those.
+    ``scale_next_step`` coefficients are tensors and replay fine if the same tensor is
+    refilled; a ``clip_value`` bound is a float, baked in.
 
 Bytes moved per parameter (E = bytes of a param/grad element: 4 fp32, 2 bf16/fp16; state
 is fp32, 4 bytes; "rw" = read and written). Each is the minimum for the rule, and the

@@ -93,7 +93,7 @@ def _shapes(rule: str, device: torch.device) -> list[tuple[int, ...]]:
     # One tensor past one block, with a ragged tail (61 and 13 are prime), so a launch has
     # several programs and a masked last block: 2 programs on CPU, where the interpreter
     # takes ~20 ms per program.
-    block = getattr(launcher, "BLOCK", {}).get("cpu" if device.type == "cpu" else "cuda", 128)
+    block = launcher.BLOCK["cpu" if device.type == "cpu" else "cuda"]
     if rule == "coupled_adam":
         # 2-D: the rows share the H = 13 second moment, read at offset % H across blocks.
         return [(7, 13), (block // 13 + 2, 13)]
