@@ -164,6 +164,7 @@ class Config:
     params: list[torch.Tensor]
     baseline: str | None = None  # key of the baseline this row *is*, if any
     samples: list[float] = field(default_factory=list)  # ms, every timed step
+    host: list[float] = field(default_factory=list)  # CUDA: host ms of every timed step call
     rounds: list[float] = field(default_factory=list)  # ms, median of each round
     bytes_per_step: int = 0
     faults: int = 0  # CPU: minor page faults over all timed steps
@@ -273,23 +274,30 @@ def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def time_steps(opt, n: int, device: torch.device) -> list[float]:
-    """ms of each of ``n`` consecutive ``opt.step()`` calls."""
+def time_steps(opt, n: int, device: torch.device) -> tuple[list[float], list[float]]:
+    """(ms of each of ``n`` consecutive ``opt.step()`` calls, host ms of each call).
+
+    On CUDA the first is the device time between two events and the second the CPU time
+    the call takes to return (launching, Python): a step is launch-bound when the host
+    time exceeds the device time. On a CPU both are the same wall time."""
     if device.type == "cuda":
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+        host = []
         sync(device)
         for start, end in events:
             start.record()
+            t0 = time.perf_counter()
             opt.step()
+            host.append((time.perf_counter() - t0) * 1e3)
             end.record()
         sync(device)
-        return [start.elapsed_time(end) for start, end in events]
+        return [start.elapsed_time(end) for start, end in events], host
     out = []
     for _ in range(n):
         t0 = time.perf_counter()
         opt.step()
         out.append((time.perf_counter() - t0) * 1e3)
-    return out
+    return out, out
 
 
 def bandwidth(device: torch.device, nbytes: int = 256 * 2**20, reps: int = 11) -> dict[str, float]:
@@ -501,9 +509,10 @@ def main(argv=None) -> int:
             k = r % max(len(configs), 1)
             for c in configs[k:] + configs[:k]:
                 f0 = minor_faults()
-                ms = time_steps(c.opt, args.steps, device)
+                ms, host = time_steps(c.opt, args.steps, device)
                 c.faults += minor_faults() - f0
                 c.samples += ms
+                c.host += host
                 c.rounds.append(statistics.median(ms))
     finally:
         gc.enable()
@@ -550,8 +559,7 @@ def report(args, device, dtype, vocab, shapes, n_params, configs, notes, bw, ela
     )
     print()
     header = ["rule", "backend", "median ms", "spread", "vs AdamW foreach", "vs AdamW fused", "B/param", "GB/s"]
-    if on_cpu:
-        header.append("faults/step")
+    header.append("faults/step" if on_cpu else "host ms")
     rows = []
     for c in configs:
         med = _median(c)
@@ -562,8 +570,7 @@ def report(args, device, dtype, vocab, shapes, n_params, configs, notes, bw, ela
         gbs = c.bytes_per_step / (med / 1e3) / 1e9
         rule = c.rule + (f" ({c.note})" if c.note else "")
         row = [rule, c.label, f"{med:.2f}", f"{spread:.0%}", ratio_fe, ratio_fu, f"{bpp:.1f}", f"{gbs:.1f}"]
-        if on_cpu:
-            row.append(f"{c.faults / len(c.samples):.0f}")
+        row.append(f"{c.faults / len(c.samples):.0f}" if on_cpu else f"{statistics.median(c.host):.3f}")
         rows.append(row)
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|")
@@ -578,7 +585,9 @@ def report(args, device, dtype, vocab, shapes, n_params, configs, notes, bw, ela
         "decay, lerp m, scale v, addcmul v, sqrt, add eps, addcdiv p), 80 in torch's foreach (8: "
         "it also divides the denominator by sqrt(bc2)) and 28 fused: time ratios of 72/80 = 0.90 "
         "and 72/28 = 2.6 if all run at the same bus speed."
-        + (" faults/step: minor page faults per step (fresh temporaries the allocator had to map)." if on_cpu else "")
+        + (" faults/step: minor page faults per step (fresh temporaries the allocator had to map)." if on_cpu else
+           " host ms: median CPU time of the step() call (launches and Python); the step is launch-bound "
+           "where it exceeds median ms.")
     )
     for n in notes:
         print(f"note: {n}")
@@ -599,6 +608,7 @@ def report(args, device, dtype, vocab, shapes, n_params, configs, notes, bw, ela
                     "ratio_vs_adamw_foreach": _median(c) / base["adamw_foreach"] if "adamw_foreach" in base else None,
                     "ratio_vs_adamw_fused": _median(c) / base["adamw_fused"] if "adamw_fused" in base else None,
                     "minor_faults_per_step": c.faults / len(c.samples) if on_cpu else None,
+                    "host_ms": None if on_cpu else statistics.median(c.host),
                     "note": c.note,
                 }
                 for c in configs
