@@ -241,8 +241,11 @@ class Optimizer(torch.optim.Optimizer):
         # Set by torch.amp.GradScaler.step around this call (see the module docstring).
         amp_scale = getattr(self, "grad_scale", None) if on_device else None
         amp_found = getattr(self, "found_inf", None) if on_device else None
+        # The loop below runs for every param and step: on the triton backend its Python is
+        # most of the host time of a step, so the common case avoids calls (e.g. masters).
         for gi, group in enumerate(self.param_groups):
             keys = self._state_keys(group)
+            masters = bool(group.get("master_weights", False))
             buckets: dict[tuple, tuple[list, list, dict[str, list], list, list]] = {}
             for i, p in enumerate(group["params"]):
                 g = p.grad
@@ -257,20 +260,26 @@ class Optimizer(torch.optim.Optimizer):
                 if not state:
                     state.update(self._init_state(p, group))
                     state["step"] = scalar()
-                if on_device:
+                if on_device and state["step"].device != p.device:
                     self._scalars_to(state, p.device)
                 # The same for every param of a bucket: one group, one dtype.
-                master = self._sync_master(p, state, group)
+                master = (masters or "master_param" in state) and self._sync_master(p, state, group)
                 bucket = buckets.get((p.device, p.dtype))
                 if bucket is None:
                     slots = (*keys, "master_param") if master else keys
                     bucket = buckets[(p.device, p.dtype)] = ([], [], {k: [] for k in slots}, [], [])
                 # Sharded (DTensor) params are updated through their local shards: the rules
                 # are elementwise, and the one that is not gets the ``row_mean`` hook below.
-                bucket[0].append(sharding.local(p))
-                bucket[1].append(sharding.local(g))
-                for k in bucket[2]:
-                    bucket[2][k].append(sharding.local(state[k]))
+                if sharding.is_dtensor(p):
+                    bucket[0].append(sharding.local(p))
+                    bucket[1].append(sharding.local(g))
+                    for k, values in bucket[2].items():
+                        values.append(sharding.local(state[k]))
+                else:
+                    bucket[0].append(p)
+                    bucket[1].append(g)
+                    for k, values in bucket[2].items():
+                        values.append(state[k])
                 bucket[3].append(state["step"])
                 bucket[4].append(p)
             rule = self._rule(group)

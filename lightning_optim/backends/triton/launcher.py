@@ -13,6 +13,7 @@ import math
 import struct
 import sys
 from collections.abc import Callable, Sequence
+from operator import attrgetter
 from pathlib import Path
 from types import ModuleType
 
@@ -116,6 +117,8 @@ def _layouts(params: Sequence[Tensor], grads: Sequence[Tensor], states: list[lis
     a grad with another layout is copied into the param's. Coupled params must be
     row-major (the row of the shared second moment is indexed by offset % H).
     """
+    if _all_plain(params, grads, states):
+        return list(params), list(grads), [list(slot) for slot in states], []
     ps, gs, ss, back = [], [], [[] for _ in states], []
     for i, p in enumerate(params):
         work = p if (p.is_contiguous() if coupled else _dense(p)) else p.contiguous()
@@ -143,6 +146,22 @@ def _layouts(params: Sequence[Tensor], grads: Sequence[Tensor], states: list[lis
     gdtype = gs[0].dtype
     gs = [g if g.dtype == gdtype else g.to(gdtype) for g in gs]
     return ps, gs, ss, back
+
+
+_shape = attrgetter("shape")
+_dtype = attrgetter("dtype")
+
+
+def _all_plain(params: Sequence[Tensor], grads: Sequence[Tensor], states: list[list[Tensor]]) -> bool:
+    """The common case, checked for the whole bucket with C-level ``map`` (this runs every
+    step, and a Python loop over 150 tensors costs more than the launch): every param and
+    grad contiguous with equal shapes, one grad dtype, every state tensor contiguous fp32
+    (then it is in its param's layout, or is Coupled Adam's (1, H) row)."""
+    contiguous = Tensor.is_contiguous
+    if not (all(map(contiguous, params)) and all(map(contiguous, grads))
+            and list(map(_shape, params)) == list(map(_shape, grads)) and len(set(map(_dtype, grads))) == 1):
+        return False
+    return all(all(map(contiguous, slot)) and set(map(_dtype, slot)) <= {torch.float32} for slot in states)
 
 
 # ----- per-rule host work: factors, slots, arguments ----------------------------------------
@@ -316,8 +335,8 @@ def run(rule: str, params: Sequence[Tensor], grads: Sequence[Tensor], state: dic
     owner = "backend 'triton'"
     device = params[0].device
     kind = _kind(owner, params[0].dtype)
-    for g in grads:
-        _kind(owner, g.dtype)
+    for dtype in set(map(_dtype, grads)):
+        _kind(owner, dtype)
     if clip_value is not None and not clip_value >= 0:
         raise invalid(owner, "clip_value", clip_value, "must be >= 0")
     if steps and not isinstance(steps[0], Tensor):
@@ -337,7 +356,10 @@ def run(rule: str, params: Sequence[Tensor], grads: Sequence[Tensor], state: dic
     slot_lists = [list(state[k]) for k in keys] + ([list(master)] if master is not None else [])
     ps, gs, ss, back = _layouts(params, grads, slot_lists, coupled)
     block = BLOCK["cpu" if device.type == "cpu" else "cuda"]
-    rowlens = [max(1, p.numel() // p.shape[0]) if coupled and p.numel() else max(1, p.numel()) for p in ps]
+    if coupled:
+        rowlens = [max(1, p.numel() // p.shape[0]) if p.numel() else 1 for p in ps]
+    else:
+        rowlens = [max(1, n) for n in map(Tensor.numel, ps)]
     tab = TABLES.get([ps, gs, *ss], rowlens, block)
     if tab.nblocks:
         dummy = _dummy(device)

@@ -58,8 +58,9 @@ class TableCache:
         """
         first = slots[0]
         device = first[0].device
-        numels = tuple(t.numel() for t in first)
-        addrs = tuple(tuple(t.data_ptr() for t in slot) for slot in slots)
+        # map over the C methods: this key is built every step, for every tensor and slot.
+        numels = tuple(map(Tensor.numel, first))
+        addrs = tuple(tuple(map(Tensor.data_ptr, slot)) for slot in slots)
         key = (device, block, numels, tuple(rowlens), addrs)
         hit = self._tables.get(key)
         if hit is not None:
