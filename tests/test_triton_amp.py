@@ -327,31 +327,38 @@ def test_step_is_captured_by_a_cuda_graph(name, monkeypatch):
             p.grad = g.clone()
         eager_opt.step()
 
-    # Captured: 3 warm-up steps on a side stream (state, table cache, compiled kernels),
-    # capture one step, replay it 3 times with new grads copied into the static grads.
     params = [t.cuda().requires_grad_() for t in start]
     opt = lo.create_optimizer(hyper, params, backend="triton")
+    _captured_run(opt, params, grads)
+    for a, e in zip(params, eager):
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-7)
+    assert all(opt.state[p]["step"].item() == 6 for p in params)
+
+
+def _captured_run(opt, params, grads, after_step=lambda: None, warmup=3):
+    """``warmup`` eager steps on a side stream (state, table cache, compiled kernels), then
+    one captured step replayed for the remaining grads, copied into static ``.grad``s;
+    ``after_step()`` after every step (e.g. a scheduler)."""
     for p in params:
         p.grad = torch.zeros_like(p)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for gs in grads[:3]:
+        for gs in grads[:warmup]:
             for p, g in zip(params, gs):
                 p.grad.copy_(g)
             opt.step()
+            after_step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         opt.step()
-    for gs in grads[3:]:
+    for gs in grads[warmup:]:
         for p, g in zip(params, gs):
             p.grad.copy_(g)
         graph.replay()
+        after_step()
     torch.cuda.synchronize()
-    for a, e in zip(params, eager):
-        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-7)
-    assert all(opt.state[p]["step"].item() == 6 for p in params)
 
 
 @cuda_only
@@ -384,25 +391,6 @@ def test_captured_step_follows_a_tensor_lr_schedule(name, monkeypatch):
 
     params = [t.cuda().requires_grad_() for t in start]
     opt, sched = build(params)
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for gs in grads[:3]:
-            for p, g in zip(params, gs):
-                p.grad.copy_(g)
-            opt.step()
-            sched.step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt.step()
-    for gs in grads[3:]:
-        for p, g in zip(params, gs):
-            p.grad.copy_(g)
-        graph.replay()
-        sched.step()
-    torch.cuda.synchronize()
+    _captured_run(opt, params, grads, after_step=sched.step)
     for a, e in zip(params, eager):
         torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-7)
