@@ -29,7 +29,6 @@ from __future__ import annotations
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "1"  # triton's CPU mode: needed to build the optimizers on CPU tensors
@@ -40,7 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lightning_optim as lo  # noqa: E402
 from common import cpu_name  # noqa: E402
 from lightning_optim.backends.triton import launcher  # noqa: E402
-from step import GPT2_VOCAB, GPT2_WIDTH, gpt2_shapes  # noqa: E402
+from step import GPT2_VOCAB, GPT2_WIDTH, gpt2_shapes, time_steps  # noqa: E402
+
+
+CPU = torch.device("cpu")
 
 
 class _NoLaunch:
@@ -51,16 +53,6 @@ class _NoLaunch:
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: None
-
-
-def _median_ms(opt, steps: int) -> float:
-    """Median ms of ``steps`` consecutive ``opt.step()`` calls."""
-    ts = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        opt.step()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
 
 
 def main() -> int:
@@ -82,7 +74,7 @@ def main() -> int:
     results = {label: [] for label, _ in built}
     for r in range(7):  # interleaved rounds
         for label, opt in built[r % len(built):] + built[:r % len(built)]:
-            results[label].append(_median_ms(opt, steps=20))
+            results[label].append(statistics.median(time_steps(opt, 20, CPU)[0]))
     base = statistics.median(results[built[0][0]])
     print(f"{cpu_name()} | torch {torch.__version__} | {n} tensors (GPT-2 small's count) | threads "
           f"{torch.get_num_threads()} | median of 7 interleaved rounds x 20 steps")

@@ -46,12 +46,32 @@ KERNELS = {
 }
 
 
-def compile_for_sm90(name: str, switches: dict, kind: int) -> dict:
+def compile_for_sm90(name: str, switches: dict, kind: int, **constexprs) -> dict:
+    """``triton.compile(...).asm`` (ptx, cubin...) of kernel ``name`` for an sm_90 target, with
+    ``KIND = GKIND = kind`` (0 fp32, 1 bf16) and the rule's ``switches`` over :data:`COMMON`
+    (``constexprs`` override those)."""
     fn = getattr(launcher.kernels(torch.device("cuda")), name)
     signature = {p.name: ("*i64" if p.name == "table" else "*i32" if p.name == "blocks" else "*fp32") if i < 5
                  else "fp32" for i, p in enumerate(fn.params) if not p.is_constexpr}
-    src = ASTSource(fn=fn, signature=signature, constexprs={**COMMON, **switches, "KIND": kind, "GKIND": kind})
+    src = ASTSource(fn=fn, signature=signature,
+                    constexprs={**COMMON, **switches, "KIND": kind, "GKIND": kind, **constexprs})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": True}).asm
+
+
+def resources(cubin: bytes) -> dict[str, int]:
+    """REG, LOCAL (spills and stack arrays, bytes per thread) and SHARED of a compiled kernel,
+    and its 16-byte global loads (LDG128) and stores (STG128), from ``cuobjdump``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        Path(path).write_bytes(cubin)
+        usage = subprocess.run([str(TOOLS / "cuobjdump"), "-res-usage", path], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([str(TOOLS / "cuobjdump"), "-sass", path], capture_output=True,
+                              text=True, check=True).stdout
+    field = {k: int(v) for k, v in re.findall(r"(REG|LOCAL|SHARED):(\d+)", usage)}
+    if set(field) != {"REG", "LOCAL", "SHARED"}:  # the tool's output changed: no silent zeros
+        raise RuntimeError(f"cuobjdump -res-usage gave no resource line:\n{usage}")
+    return {**field, "LDG128": sass.count("LDG.E.128"), "STG128": sass.count("STG.E.128")}
 
 
 def main() -> int:
@@ -61,17 +81,8 @@ def main() -> int:
     print("|---|---|---:|---:|---:|---:|---:|")
     for label, (name, switches) in KERNELS.items():
         for kind, dtype in ((0, "fp32"), (1, "bf16")):
-            asm = compile_for_sm90(name, switches, kind)
-            with tempfile.TemporaryDirectory() as tmp:
-                path = os.path.join(tmp, "k.cubin")
-                Path(path).write_bytes(asm["cubin"])
-                usage = subprocess.run([str(TOOLS / "cuobjdump"), "-res-usage", path], capture_output=True,
-                                       text=True, check=True).stdout
-                sass = subprocess.run([str(TOOLS / "cuobjdump"), "-sass", path], capture_output=True,
-                                      text=True, check=True).stdout
-            field = {k: int(v) for k, v in re.findall(r"(REG|LOCAL|SHARED):(\d+)", usage)}
-            print(f"| {label} | {dtype} | {field['REG']} | {field['LOCAL']} | {field['SHARED']} | "
-                  f"{sass.count('LDG.E.128')} | {sass.count('STG.E.128')} |")
+            r = resources(compile_for_sm90(name, switches, kind)["cubin"])
+            print(f"| {label} | {dtype} | {r['REG']} | {r['LOCAL']} | {r['SHARED']} | {r['LDG128']} | {r['STG128']} |")
     return 0
 
 

@@ -578,25 +578,22 @@ def test_hyperparameters_are_runtime_arguments(monkeypatch):
     assert torch.equal(p, torch.zeros(3))
 
 
-def _local_memory_bytes(cubin: bytes) -> int:
-    """The per-thread local memory (register spills, stack arrays) of a compiled kernel, from
-    ``cuobjdump -res-usage``, the CUDA tool that ships inside Triton's wheel."""
+@pytest.fixture(scope="module")
+def kernel_resources():
+    """``benchmarks/kernel_resources.py``: compiles a kernel for sm_90 and reads its machine code."""
     import pathlib
-    import re
-    import subprocess
-    import tempfile
+    import sys
 
-    tool = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.TemporaryDirectory() as tmp:
-        path = pathlib.Path(tmp) / "k.cubin"
-        path.write_bytes(cubin)
-        report = subprocess.run([str(tool), "-res-usage", str(path)], capture_output=True, text=True, check=True).stdout
-    found = re.findall(r"LOCAL:(\d+)", report)
-    assert found, report  # no resource line: the tool's output changed, not a pass
-    return sum(map(int, found))
+    where = str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, where)
+    try:
+        import kernel_resources as module
+    finally:
+        sys.path.remove(where)
+    return module
 
 
-def test_kernels_compile_for_cuda():
+def test_kernels_compile_for_cuda(kernel_resources):
     """Every kernel compiles for an sm_90 GPU (no GPU needed), with 16-byte vector accesses
     on the full-block path when the table's addresses are aligned, and without register
     spills (a spill is a round trip to local memory per element: bandwidth the step does
@@ -604,9 +601,7 @@ def test_kernels_compile_for_cuda():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    compiled = launcher.kernels(torch.device("cuda"))
-    common = dict(W=7, BLOCK=2048, KIND=1, GKIND=1, ALIGNED=True, HAS_SCALE=True, HAS_FOUND=True,
-                  HAS_CLIP=True, MASTER=True, MSLOT=5, MAXIMIZE=True, WD=True)
+    every_hook = dict(HAS_CLIP=True, MASTER=True, MAXIMIZE=True)
     switches = {
         "sgd_kernel": dict(MOMENTUM=True, NESTEROV=True),
         "adagrad_kernel": {},
@@ -616,13 +611,10 @@ def test_kernels_compile_for_cuda():
         "lion_kernel": {},
     }
     for name, extra in switches.items():
-        fn = getattr(compiled, name)
-        signature = {p.name: ("*i64" if p.name == "table" else "*i32" if p.name == "blocks" else "*fp32")
-                     if i < 5 else "fp32" for i, p in enumerate(fn.params) if not p.is_constexpr}
-        src = ASTSource(fn=fn, signature=signature, constexprs={**common, **extra})
-        asm = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": True}).asm
+        asm = kernel_resources.compile_for_sm90(name, extra, 1, **every_hook)
         assert "ld.global.v4" in asm["ptx"], name
-        assert _local_memory_bytes(asm["cubin"]) == 0, name
+        assert kernel_resources.resources(asm["cubin"])["LOCAL"] == 0, name
+    compiled = launcher.kernels(torch.device("cuda"))
     src = ASTSource(fn=compiled.norm_kernel, signature={"table": "*i64", "blocks": "*i32", "partials": "*fp32"},
                     constexprs=dict(W=3, BLOCK=2048, KIND=0, ALIGNED=True, INF=True))
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": True})

@@ -241,6 +241,7 @@ class Optimizer(torch.optim.Optimizer):
         # Set by torch.amp.GradScaler.step around this call (see the module docstring).
         amp_scale = getattr(self, "grad_scale", None) if on_device else None
         amp_found = getattr(self, "found_inf", None) if on_device else None
+        amp_on: dict[torch.device, tuple] = {}  # GradScaler's tensors per device, prepared once a step
         # The loop below runs for every param and step: on the triton backend its Python is
         # most of the host time of a step, so the common case avoids calls (e.g. masters).
         for gi, group in enumerate(self.param_groups):
@@ -291,13 +292,14 @@ class Optimizer(torch.optim.Optimizer):
                 hook = sharding.row_mean(originals) if rule == "coupled_adam" else None
                 if on_device:
                     # The device step tensors themselves: the backend reads t on the device.
-                    found = None
-                    if amp_found is not None:  # a skipped step is not counted (torch's fused Adam)
-                        # 0 or 1 (GradScaler sums the flags of several devices), as a 0-d tensor.
-                        found = amp_found.to(device=params[0].device, non_blocking=True).reshape(()).ne(0).float()
+                    device = params[0].device
+                    if device not in amp_on:
+                        amp_on[device] = self._amp_on(device, amp_scale, amp_found)
+                    inv_scale, found = amp_on[device]
+                    if found is not None:  # a skipped step is not counted (torch's fused Adam)
                         torch._foreach_sub_(step_tensors, [found] * len(step_tensors))
                     self._run(rule, params, grads, state_lists, step_tensors, hyper, row_mean=hook,
-                              found_inf=found, **self._gradient_transform(gi, grads, amp_scale))
+                              found_inf=found, **self._gradient_transform(gi, grads, inv_scale))
                     continue
                 steps = torch.stack(step_tensors).tolist()
                 self._run(rule, params, grads, state_lists, steps, hyper, row_mean=hook,
@@ -322,21 +324,35 @@ class Optimizer(torch.optim.Optimizer):
         else:
             self._next_transforms[group_index] = (grad_scale, clip_value)
 
+    @staticmethod
+    def _amp_on(device: torch.device, amp_scale: Tensor | None,
+                amp_found: Tensor | None) -> tuple[tuple[Tensor, Tensor] | None, Tensor | None]:
+        """GradScaler's tensors on ``device``, once per step and device (not per group):
+        ``(scale, 1 / scale)`` in fp32, or None, and ``found_inf`` as a 0-d fp32 0/1 (GradScaler
+        sums the flags of several devices), or None."""
+        found = None
+        if amp_found is not None:
+            found = amp_found.to(device=device, non_blocking=True).reshape(()).ne(0).float()
+        if amp_scale is None:
+            return None, found
+        amp_scale = amp_scale.to(device=device, dtype=torch.float32, non_blocking=True)
+        return (amp_scale, amp_scale.reciprocal()), found
+
     def _gradient_transform(self, group_index: int, grads: list[Tensor],
-                            amp_scale: Tensor | None = None) -> dict[str, Any]:
+                            amp: tuple[Tensor, Tensor] | None = None) -> dict[str, Any]:
         """The pending ``scale_next_step`` of a group: keyword arguments for the triton
-        backend, or applied here to ``grads`` for the others. ``amp_scale`` (triton only):
-        GradScaler's ``grad_scale``, which the gradients are divided by, on the device."""
+        backend, or applied here to ``grads`` for the others. ``amp`` (triton only): GradScaler's
+        ``(grad_scale, 1 / grad_scale)`` on the device (:meth:`_amp_on`): the gradients are
+        divided by the scale."""
         pending = self._next_transforms.get(group_index)
-        if pending is None and amp_scale is None:
+        if pending is None and amp is None:
             return {}
         scale, bound = pending if pending is not None else (None, None)
         device = grads[0].device
         scale = None if scale is None else scale.to(device=device, dtype=torch.float32, non_blocking=True)
         if self.backend == "triton":
-            if amp_scale is not None:
-                amp_scale = amp_scale.to(device=device, dtype=torch.float32, non_blocking=True)
-                scale = amp_scale.reciprocal() if scale is None else scale / amp_scale
+            if amp is not None:
+                scale = amp[1] if scale is None else scale / amp[0]
             return {"grad_scale": scale, "clip_value": bound}
         if scale is not None:  # the fp32 coefficient, as the clipper's own pass multiplies
             torch._foreach_mul_(grads, scale)

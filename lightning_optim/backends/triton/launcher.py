@@ -131,14 +131,10 @@ def _layouts(params: Sequence[Tensor], grads: Sequence[Tensor], states: list[lis
         gs.append(g)
         for j, slot in enumerate(states):
             s = slot[i]
-            if s.shape == work.shape:
-                ok = s.dtype == torch.float32 and _same_layout(s, work)
-                fresh = (lambda s=s: torch.empty_like(work, dtype=torch.float32).copy_(s))
-            else:  # Coupled Adam's (1, H) row.
-                ok = s.dtype == torch.float32 and s.is_contiguous()
-                fresh = (lambda s=s: s.to(torch.float32, memory_format=torch.contiguous_format, copy=True))
-            if not ok:
-                copy = fresh()
+            row = s.shape != work.shape  # Coupled Adam's (1, H) row
+            if not (s.dtype == torch.float32 and (s.is_contiguous() if row else _same_layout(s, work))):
+                copy = (s.to(torch.float32, memory_format=torch.contiguous_format, copy=True) if row
+                        else torch.empty_like(work, dtype=torch.float32).copy_(s))
                 back.append((s, copy))
                 s = copy
             ss[j].append(s)
