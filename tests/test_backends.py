@@ -133,3 +133,91 @@ def test_auto_resolves_to_foreach_on_cpu():
     assert lo.Adam([p]).backend == "foreach"
     assert lo.Adam([p], backend="reference").backend == "reference"
     assert backends.resolve("X", "auto", [torch.zeros(1, device="meta")]) == "reference"
+
+
+# ----- gathering: the C-level common case gives exactly the general loop's bucket ------------
+
+
+def _same_buckets(fast: dict, general: dict) -> None:
+    """Same (device, dtype) keys, and every list holds the very same tensors, in order."""
+    assert list(fast) == list(general)
+    for (ps, gs, slots, steps, originals), (eps, egs, eslots, esteps, eoriginals) in zip(fast.values(), general.values()):
+        assert list(slots) == list(eslots)
+        for got, expected in [(ps, eps), (gs, egs), (steps, esteps), (originals, eoriginals),
+                              *((slots[k], eslots[k]) for k in eslots)]:
+            assert len(got) == len(expected) and all(a is b for a, b in zip(got, expected))
+
+
+def _gather(opt, group, on_device=False):
+    keys = opt._state_keys(group)
+    return opt._uniform_bucket(group, keys, on_device), opt._buckets(group, keys, on_device)
+
+
+GATHER_CASES = {
+    # case: (registry name, options, param dtypes, what to do after the first step, fast path taken)
+    "fp32": ("adamw", {}, [torch.float32], None, True),
+    "bf16 with masters": ("adamw", {"master_weights": True}, [torch.bfloat16], None, True),
+    "fp32 asking for masters": ("lion", {"master_weights": True}, [torch.float32], None, True),
+    "nadam's mu_product": ("nadam", {}, [torch.float32], None, True),
+    "momentum buffers": ("momentum", {}, [torch.float16], None, True),
+    "a missing gradient": ("adamw", {}, [torch.float32], "drop a grad", False),
+    "a param without state": ("adamw", {}, [torch.float32], "clear a state", False),
+    "two dtypes": ("sgd", {}, [torch.float32, torch.bfloat16], None, False),
+    "masters switched on later": ("adam", {}, [torch.bfloat16], "masters on", False),
+    "masters switched off later": ("adam", {"master_weights": True}, [torch.bfloat16], "masters off", False),
+}
+
+
+@pytest.mark.parametrize("case", list(GATHER_CASES))
+def test_common_case_gathers_the_general_bucket(case):
+    """``Optimizer._uniform_bucket`` (the C-level fast path of every step) either declines,
+    or returns exactly what the general per-param loop ``_buckets`` builds; declining cases
+    are declined, and after the general path has fixed them up (state, masters) the fast
+    path takes over."""
+    name, options, dtypes, change, fast_taken = GATHER_CASES[case]
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.randn(shape, generator=gen).to(dtypes[i % len(dtypes)]).requires_grad_()
+              for i, shape in enumerate([(0,), (1,), (13,), (6, 5)])]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+    opt = lo.create_optimizer({"name": name, "lr": 1e-2, **options}, params, backend="foreach")
+    group = opt.param_groups[0]
+    fast, _ = _gather(opt, group)
+    assert fast is None  # the first step creates the state: the general path's work
+    opt.step()
+    if change == "drop a grad":
+        params[1].grad = None
+    elif change == "clear a state":
+        opt.state[params[2]].clear()
+    elif change == "masters on":
+        group["master_weights"] = True
+    elif change == "masters off":
+        group["master_weights"] = False
+    fast, general = _gather(opt, group)
+    if fast_taken:
+        _same_buckets(fast, general)
+        wants = options.get("master_weights", False) and dtypes[0] != torch.float32
+        assert ("master_param" in next(iter(fast.values()))[2]) == wants
+    else:
+        assert fast is None
+        if change in ("clear a state", "masters on", "masters off"):
+            fast, general = _gather(opt, group)  # the general path made the state whole again
+            _same_buckets(fast, general)
+
+
+def test_common_case_leaves_step_counts_on_another_device_to_the_general_path():
+    """On the triton backend the step counts must be on the params' device: a count left
+    elsewhere (a CPU state dict, state set by hand) is moved by the general path, after which
+    the fast path is taken. Meta tensors stand in for a second device."""
+    params = [torch.empty(4, device="meta", requires_grad=True) for _ in range(3)]
+    for p in params:
+        p.grad = torch.empty(4, device="meta")
+    opt = lo.NAdam(params, backend="reference")
+    group = opt.param_groups[0]
+    for p in params:
+        opt.state[p].update(opt._init_state(p, group), step=torch.tensor(2.0))
+    assert opt.state[params[0]]["mu_product"].device.type == "cpu"
+    fast, _ = _gather(opt, group, on_device=True)
+    assert fast is None
+    assert {opt.state[p][k].device.type for p in params for k in ("step", "mu_product")} == {"meta"}
+    _same_buckets(*_gather(opt, group, on_device=True))

@@ -42,9 +42,10 @@ coefficient), and a set ``found_inf`` makes the launch a no-op and takes the cou
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections.abc import Iterable
-from itertools import chain
+from itertools import chain, repeat
 from typing import Any
 
 import torch
@@ -56,6 +57,11 @@ from ..validation import LightningOptimWarning, at_least, boolean, learning_rate
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Scalar state that stays a CPU float32 tensor whatever the param: torch's format.
 _SCALAR_KEYS = ("step", "mu_product")
+_GRAD = operator.attrgetter("grad")
+_IS_SPARSE = operator.attrgetter("is_sparse")
+_DEVICE = operator.attrgetter("device")
+_DTYPE = operator.attrgetter("dtype")
+_PLAIN_TYPES = {Tensor, torch.nn.Parameter}
 
 
 def state_dtype(p: Tensor) -> torch.dtype:
@@ -242,47 +248,11 @@ class Optimizer(torch.optim.Optimizer):
         amp_scale = getattr(self, "grad_scale", None) if on_device else None
         amp_found = getattr(self, "found_inf", None) if on_device else None
         amp_on: dict[torch.device, tuple] = {}  # GradScaler's tensors per device, prepared once a step
-        # The loop below runs for every param and step: on the triton backend its Python is
-        # most of the host time of a step, so the common case avoids calls (e.g. masters).
         for gi, group in enumerate(self.param_groups):
             keys = self._state_keys(group)
-            masters = bool(group.get("master_weights", False))
-            buckets: dict[tuple, tuple[list, list, dict[str, list], list, list]] = {}
-            for i, p in enumerate(group["params"]):
-                g = p.grad
-                if g is None:
-                    continue
-                if g.is_sparse:
-                    raise RuntimeError(
-                        f"{self._owner} does not support sparse gradients, but {self._param_name(group, i)} "
-                        "has one: build its module with sparse=False"
-                    )
-                state = self.state[p]
-                if not state:
-                    state.update(self._init_state(p, group))
-                    state["step"] = scalar()
-                if on_device and state["step"].device != p.device:
-                    self._scalars_to(state, p.device)
-                # The same for every param of a bucket: one group, one dtype.
-                master = (masters or "master_param" in state) and self._sync_master(p, state, group)
-                bucket = buckets.get((p.device, p.dtype))
-                if bucket is None:
-                    slots = (*keys, "master_param") if master else keys
-                    bucket = buckets[(p.device, p.dtype)] = ([], [], {k: [] for k in slots}, [], [])
-                # Sharded (DTensor) params are updated through their local shards: the rules
-                # are elementwise, and the one that is not gets the ``row_mean`` hook below.
-                if sharding.is_dtensor(p):
-                    bucket[0].append(sharding.local(p))
-                    bucket[1].append(sharding.local(g))
-                    for k, values in bucket[2].items():
-                        values.append(sharding.local(state[k]))
-                else:
-                    bucket[0].append(p)
-                    bucket[1].append(g)
-                    for k, values in bucket[2].items():
-                        values.append(state[k])
-                bucket[3].append(state["step"])
-                bucket[4].append(p)
+            buckets = self._uniform_bucket(group, keys, on_device)
+            if buckets is None:
+                buckets = self._buckets(group, keys, on_device)
             rule = self._rule(group)
             # A tensor lr: the triton kernels read it on the device; the other backends take
             # a float (one host read per group and step).
@@ -306,6 +276,91 @@ class Optimizer(torch.optim.Optimizer):
                           **self._gradient_transform(gi, grads))
         self._next_transforms.clear()
         return loss
+
+    # ----- gathering a group's tensors into (device, dtype) buckets ---------------------------
+    # A bucket is (params, grads, {state key: tensors}, step tensors, the params as the
+    # user holds them): the lists one backend call takes. This runs for every param and
+    # step: on the triton backend its Python is most of the host time of a step.
+
+    def _uniform_bucket(self, group: dict[str, Any], keys: tuple[str, ...], on_device: bool) -> dict | None:
+        """The common case, gathered with C-level ``map`` over the whole group instead of a
+        Python loop per param: every param has a dense gradient and its state already, all
+        share one device and dtype, none is sharded, master copies are there exactly as the
+        group asks, and (triton) the step counts are on that device. None otherwise: then
+        :meth:`_buckets` does the general work (creating state and masters, placing step
+        counts, unwrapping DTensor shards, the errors). Both give the same bucket."""
+        params = group["params"]
+        if not params:
+            return None
+        grads = list(map(_GRAD, params))
+        if any(map(operator.is_, grads, repeat(None))) or any(map(_IS_SPARSE, grads)):
+            return None
+        # Exact types: a DTensor (or any other tensor subclass) takes the general path.
+        if not set(map(type, params)) <= _PLAIN_TYPES:
+            return None
+        devices, dtypes = set(map(_DEVICE, params)), set(map(_DTYPE, params))
+        states = list(map(self.state.get, params))
+        if len(devices) != 1 or len(dtypes) != 1 or not all(states):
+            return None
+        (device,), (dtype,) = devices, dtypes
+        wants = bool(group.get("master_weights", False)) and dtype in _LOW_PRECISION
+        has = list(map(operator.contains, states, repeat("master_param")))
+        if not (all(has) if wants else not any(has)):
+            return None
+        names = ("step", *keys, "master_param") if wants else ("step", *keys)
+        try:
+            steps, *slots = (list(map(operator.itemgetter(k), states)) for k in names)
+        except KeyError:  # state set from elsewhere without a key this rule reads
+            return None
+        if on_device:
+            scalars = [steps] + [slot for k, slot in zip(names[1:], slots) if k in _SCALAR_KEYS]
+            if any(set(map(_DEVICE, slot)) != devices for slot in scalars):
+                return None
+        params = list(params)
+        return {(device, dtype): (params, grads, dict(zip(names[1:], slots)), steps, params)}
+
+    def _buckets(self, group: dict[str, Any], keys: tuple[str, ...], on_device: bool) -> dict:
+        """Every param of ``group`` that has a gradient, by (device, dtype): creates missing
+        state, keeps master copies as the group asks, puts step counts where the backend
+        reads them, and unwraps sharded params to their local shards."""
+        masters = bool(group.get("master_weights", False))
+        buckets: dict[tuple, tuple[list, list, dict[str, list], list, list]] = {}
+        for i, p in enumerate(group["params"]):
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise RuntimeError(
+                    f"{self._owner} does not support sparse gradients, but {self._param_name(group, i)} "
+                    "has one: build its module with sparse=False"
+                )
+            state = self.state[p]
+            if not state:
+                state.update(self._init_state(p, group))
+                state["step"] = scalar()
+            if on_device and state["step"].device != p.device:
+                self._scalars_to(state, p.device)
+            # The same for every param of a bucket: one group, one dtype.
+            master = (masters or "master_param" in state) and self._sync_master(p, state, group)
+            bucket = buckets.get((p.device, p.dtype))
+            if bucket is None:
+                slots = (*keys, "master_param") if master else keys
+                bucket = buckets[(p.device, p.dtype)] = ([], [], {k: [] for k in slots}, [], [])
+            # Sharded (DTensor) params are updated through their local shards: the rules
+            # are elementwise, and the one that is not gets the ``row_mean`` hook in step.
+            if sharding.is_dtensor(p):
+                bucket[0].append(sharding.local(p))
+                bucket[1].append(sharding.local(g))
+                for k, values in bucket[2].items():
+                    values.append(sharding.local(state[k]))
+            else:
+                bucket[0].append(p)
+                bucket[1].append(g)
+                for k, values in bucket[2].items():
+                    values.append(state[k])
+            bucket[3].append(state["step"])
+            bucket[4].append(p)
+        return buckets
 
     # ----- fused gradient clipping ------------------------------------------------------------
 

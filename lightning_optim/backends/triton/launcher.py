@@ -146,6 +146,7 @@ def _layouts(params: Sequence[Tensor], grads: Sequence[Tensor], states: list[lis
 
 _shape = attrgetter("shape")
 _dtype = attrgetter("dtype")
+_device = attrgetter("device")
 
 
 def _all_plain(params: Sequence[Tensor], grads: Sequence[Tensor], states: list[list[Tensor]]) -> bool:
@@ -257,10 +258,13 @@ def _device_factors(rule: str, h: dict, state: dict[str, list[Tensor]], steps: S
     ``t`` (and NAdam's ``mu_product``) through a cached table of their addresses and lr
     from its tensor or argument, writing an fp32 ``(n, 4)`` device array."""
     owner = "backend 'triton'"
-    for t in steps:
-        if t.device != device or t.dtype != torch.float32 or t.numel() != 1:
-            raise invalid(owner, "step", f"a {t.dtype} tensor of shape {list(t.shape)} on {t.device}",
-                          f"device step counts must be float32 0-d tensors on the params' device ({device})")
+    # Checked with C-level map (every step, every tensor); the loop only finds the culprit.
+    if (set(map(_device, steps)) != {device} or set(map(_dtype, steps)) != {torch.float32}
+            or set(map(Tensor.numel, steps)) != {1}):
+        for t in steps:
+            if t.device != device or t.dtype != torch.float32 or t.numel() != 1:
+                raise invalid(owner, "step", f"a {t.dtype} tensor of shape {list(t.shape)} on {t.device}",
+                              f"device step counts must be float32 0-d tensors on the params' device ({device})")
     code, values, bias = _prologue(rule, h)
     lr_tensor, lr = _lr(h["lr"], device)
     products = list(state["mu_product"]) if rule == "nadam" else None
