@@ -354,7 +354,7 @@ def test_step_prologue_compiles_for_cuda():
             src = ASTSource(fn=fn, signature=signature,
                             constexprs=dict(W=4, BLOCK=launcher.PROLOGUE_BLOCK, RULE=code, BIAS=True, HAS_FOUND=True,
                                             LR_TENSOR=lr_tensor))
-            triton.compile(src, target=GPUTarget("cuda", 90, 32), options={})
+            triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False})
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -419,6 +419,39 @@ def test_coupled_row_mean_hook(device):
     for (i, local), g in zip(seen, grads):
         assert local.dtype == torch.float32 and local.shape == (1, g.shape[1])
         assert_rel(local.cpu(), g.cpu().square().sum(0, keepdim=True), 1e-6, "local sum")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_coupled_rows_take_one_launch_per_tensor(amsgrad, device, monkeypatch):
+    """Coupled Adam's row update (EMA, AMP/clip scale, AMSGrad maximum) is one launch of
+    ``coupled_row_kernel`` per coupled tensor, with the row count as a runtime float; rows
+    kept in a strided (1, H) view (state set by hand) are updated through a work copy."""
+    gen = torch.Generator().manual_seed(9)
+    group = dict(RULES["coupled_adam"][0], amsgrad=amsgrad)
+    params, grads, state = bucket("coupled_adam", [(4, 6), (5, 1300), (3, 2)], torch.float32, device, gen)
+    if not amsgrad:
+        state.pop("max_exp_avg_sq")
+    wide = state["exp_avg_sq"][1]
+    strided = torch.empty(1, 2 * wide.shape[1], device=device)[:, ::2]
+    state["exp_avg_sq"][1] = strided.copy_(wide)
+    assert not strided.is_contiguous()
+    module = launcher.kernels(torch.device(device))
+    original, launches = module.coupled_row_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((grid, args[5:7], kwargs["AMSGRAD"]))
+                return original[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(module, "coupled_row_kernel", Spy())
+    P, S = reference_run("coupled_adam", params, grads, state, [1.0] * 3, group)
+    launcher.run("coupled_adam", params, grads, state, [1.0] * 3, group)
+    assert launches == [((1,), (6, 4.0), amsgrad), ((2,), (1300, 5.0), amsgrad), ((1,), (2, 3.0), amsgrad)]
+    assert state["exp_avg_sq"][1] is strided  # the user's tensor, written back
+    assert_bucket(P, S, params, state, "coupled rows")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -615,6 +648,11 @@ def test_kernels_compile_for_cuda(kernel_resources):
         assert "ld.global.v4" in asm["ptx"], name
         assert kernel_resources.resources(asm["cubin"])["LOCAL"] == 0, name
     compiled = launcher.kernels(torch.device("cuda"))
+    src = ASTSource(fn=compiled.coupled_row_kernel,
+                    signature=dict.fromkeys(["row_sum", "v", "vmax", "grad_scale", "found_inf"], "*fp32")
+                    | {"H": "i32", "rows": "fp32", "beta2": "fp32"},
+                    constexprs=dict(BLOCK=launcher.ROW_BLOCK, HAS_SCALE=True, HAS_FOUND=True, AMSGRAD=True))
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False})
     src = ASTSource(fn=compiled.norm_kernel, signature={"table": "*i64", "blocks": "*i32", "partials": "*fp32"},
                     constexprs=dict(W=3, BLOCK=2048, KIND=0, ALIGNED=True, INF=True))
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": True})

@@ -15,6 +15,13 @@ One launch per bucket
     one launch for 150 tensors as for one. The table is cached by addresses and sizes
     (:mod:`.table`): in steady state a step uploads nothing and rebuilds nothing.
 
+    Coupled Adam's shared second moment needs every row of g^2 before any element can be
+    updated, so each coupled tensor (usually one: the embedding) gets a pass of its own
+    first: torch's ``vector_norm`` over dim 0 (g read once, upcast on the fly), squared,
+    the sharding hook's all-reduce when the rows are spread over ranks, then one small
+    launch of ``coupled_row_kernel`` for the (1, H) row's EMA (AMP/clip scale, AMSGrad
+    maximum and ``found_inf`` included). The elementwise kernel then reads that row.
+
 What reaches the kernel, and how
     Everything that depends on lr or on the step count (``-lr``, the bias corrections, the
     decay factor ``1 - lr * wd``) is a per-tensor factor computed on the device by the step

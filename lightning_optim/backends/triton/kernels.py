@@ -1,4 +1,5 @@
-"""The ``@triton.jit`` kernels: one per update rule, plus the gradient-norm reduction.
+"""The ``@triton.jit`` kernels: one per update rule, the step prologue, Coupled Adam's row
+update and the gradient-norm reduction.
 
 Every elementwise kernel has the same shape (see the package docstring for the table):
 
@@ -594,6 +595,39 @@ def factors_kernel(table, factors, found_inf, lr_ptr, n, lr_hi, lr_lo, wd_hi, wd
     tl.store(out + 1, f1.to(tl.float32), mask=mask)
     tl.store(out + 2, f2.to(tl.float32), mask=mask)
     tl.store(out + 3, f3.to(tl.float32), mask=mask)
+
+
+# ----- Coupled Adam's shared second moment ------------------------------------------------------
+
+
+@triton.jit
+def coupled_row_kernel(row_sum, v, vmax, grad_scale, found_inf, H, rows, beta2, BLOCK: tl.constexpr,
+                       HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr, AMSGRAD: tl.constexpr):
+    """Step 2 (and 3) of Coupled Adam on one tensor's (1, H) rows, in one small launch:
+
+        vbar = beta2 * vbar + (1 - beta2) * scale^2 * row_sum / rows
+        (AMSGRAD) vmax = max(vmax, vbar)
+
+    ``row_sum``: the sum over dim 0 of g^2 (fp32), before the gradient scale ``scale``
+    (clip-by-norm coefficient, AMP unscale); ``rows``: the number of rows summed, or 1 when a
+    sharding hook already turned the sum into the global mean. The mean over the rows of the
+    EMA is the EMA of the mean, so this one row is the row-average of a full second moment
+    (Stollenwerk & Stollenwerk 2025, "Better Embeddings with Coupled Adam", eq. 7). A set
+    ``found_inf`` writes nothing, as in the elementwise kernels.
+    """
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    n = H
+    if HAS_FOUND:
+        n = tl.where(tl.load(found_inf) == 0, H, 0)
+    mask = offs < n
+    s = tl.load(row_sum + offs, mask=mask, other=0)
+    if HAS_SCALE:
+        scale = tl.load(grad_scale).to(tl.float32)
+        s = s * (scale * scale)
+    v_new = tl.load(v + offs, mask=mask, other=0) * beta2 + (1.0 - beta2) * (s / rows)
+    tl.store(v + offs, v_new, mask=mask)
+    if AMSGRAD:
+        tl.store(vmax + offs, tl.maximum(tl.load(vmax + offs, mask=mask, other=0), v_new), mask=mask)
 
 
 # ----- the gradient norm ---------------------------------------------------------------------

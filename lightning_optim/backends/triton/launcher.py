@@ -205,6 +205,8 @@ def _plan(rule: str, h: dict):
 
 # Tensors per program of the step prologue (a power of two).
 PROLOGUE_BLOCK = 128
+# Columns per program of Coupled Adam's row update (H is a model width: a few programs).
+ROW_BLOCK = 1024
 
 
 def _split(x: float) -> tuple[float, float]:
@@ -281,7 +283,8 @@ def _device_factors(rule: str, h: dict, state: dict[str, list[Tensor]], steps: S
     kernels(device).factors_kernel[(_cdiv(n, PROLOGUE_BLOCK),)](
         tab.table, out, dummy if found_inf is None else found_inf, dummy if lr_tensor is None else lr_tensor,
         n, *args, W=tab.width, BLOCK=PROLOGUE_BLOCK, RULE=code, BIAS=bias, HAS_FOUND=found_inf is not None,
-        LR_TENSOR=lr_tensor is not None, num_warps=1,
+        # Unfused, as the host's float64 formulas (explicit: Triton's default is changing).
+        LR_TENSOR=lr_tensor is not None, num_warps=1, enable_fp_fusion=False,
     )
     return out
 
@@ -294,29 +297,43 @@ def _coupled_rows(grads: list[Tensor], state: dict[str, list[Tensor]], h: dict, 
                   grad_scale: Tensor | None, found_inf: Tensor | None, clip_value: float | None) -> None:
     """Coupled Adam's step 2 (and 3) on the (1, H) rows, before the elementwise kernel.
 
-    local = sum over dim 0 of g^2 in fp32 (one read of g: ``vector_norm`` upcasts on the
-    fly), then ``row_mean(i, local)`` -> the mean over the global vocabulary (a hook that
-    may all-reduce across the ranks of a row-sharded tensor), else ``local / rows``.
+    Per coupled tensor: the sum over dim 0 of g^2 in fp32 (one read of g: ``vector_norm``
+    upcasts on the fly), then ``row_mean(i, sum)`` -> the mean over the global vocabulary
+    (a hook that may all-reduce across the ranks of a row-sharded tensor), then one launch
+    of :func:`kernels.coupled_row_kernel` for the EMA, the unscale and the AMSGrad maximum.
+    Clip-by-value clamps each gradient before it is squared, so that path scales and clamps
+    a copy of g here.
     """
-    beta2 = h["betas"][1]
+    beta2 = float(h["betas"][1])
+    amsgrad = bool(h["amsgrad"])
     for i, g in enumerate(grads):
+        scale = grad_scale
         if clip_value is not None:
             # A copy: g.float() of an fp32 grad is the grad itself, which must stay as it is.
             g = g.to(torch.float32, copy=True) if grad_scale is None else g.float() * grad_scale
-            local = g.clamp_(-clip_value, clip_value).square_().sum(0, keepdim=True)
+            row_sum = g.clamp_(-clip_value, clip_value).square_().sum(0, keepdim=True)
+            scale = None
         else:
-            local = torch.linalg.vector_norm(g, 2, dim=0, keepdim=True, dtype=torch.float32).square_()
-            if grad_scale is not None:
-                local.mul_(grad_scale.float().square())
-        mean = row_mean(i, local) if row_mean is not None else local / g.shape[0]
-        v = state["exp_avg_sq"][i]
-        new = v * beta2 + (1 - beta2) * mean
-        if found_inf is not None:
-            new = torch.where(found_inf != 0, v, new)
-        v.copy_(new)
-        if h["amsgrad"]:
-            vmax = state["max_exp_avg_sq"][i]
-            torch.maximum(vmax, v, out=vmax)
+            row_sum = torch.linalg.vector_norm(g, 2, dim=0, keepdim=True, dtype=torch.float32).square_()
+        rows = g.shape[0]
+        if row_mean is not None:
+            row_sum, rows = row_mean(i, row_sum), 1
+        # The rows are (1, H) fp32 state: contiguous unless set by hand (then a work copy).
+        rows_state = [state["exp_avg_sq"][i]] + ([state["max_exp_avg_sq"][i]] if amsgrad else [])
+        work = [x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
+                for x in (row_sum, *rows_state)]
+        H = work[1].numel()
+        if H:
+            dummy = _dummy(g.device)
+            kernels(g.device).coupled_row_kernel[(_cdiv(H, ROW_BLOCK),)](
+                work[0], work[1], work[-1], dummy if scale is None else scale,
+                dummy if found_inf is None else found_inf, H, float(rows), beta2,
+                BLOCK=ROW_BLOCK, HAS_SCALE=scale is not None, HAS_FOUND=found_inf is not None, AMSGRAD=amsgrad,
+                num_warps=NUM_WARPS, enable_fp_fusion=False,  # the reference's separate roundings
+            )
+        for original, copy in zip(rows_state, work[1:]):
+            if copy is not original:
+                original.copy_(copy)
 
 
 # ----- the entry points -----------------------------------------------------------------------
