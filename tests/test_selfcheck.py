@@ -113,6 +113,26 @@ def test_a_wrong_state_gives_a_reason(monkeypatch):
     assert reason is not None and "exp_avg_sq" in reason
 
 
+def test_a_step_count_left_behind_gives_a_reason(monkeypatch):
+    """The check runs the optimizer's path, device counts advanced by the step prologue,
+    and says so when a count is not where two steps leave it."""
+    real = selfcheck.launcher.run
+    calls = []
+
+    def off(rule, params, grads, state, steps, *args, **kwargs):
+        real(rule, params, grads, state, steps, *args, **kwargs)
+        calls.append(kwargs)
+        if len(calls) == 2:
+            steps[0].sub_(1.0)
+
+    monkeypatch.setattr(selfcheck.launcher, "run", off)
+    (rule, group, init_state), = configs("nadam")
+    reason = selfcheck.verify(rule, group, torch.float32, CPU, init_state)
+    assert all(kwargs == {"advance": True} for kwargs in calls)
+    assert reason == ("the triton nadam step prologue left the step counts at [1.0, 2.0] after two steps for "
+                      "float32 params on cpu")
+
+
 def test_results_are_cached_by_the_compiled_options(monkeypatch):
     calls = counting(monkeypatch)
     (rule, group, init_state), = configs("adam")

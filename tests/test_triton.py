@@ -342,7 +342,8 @@ def test_step_prologue_factors_equal_the_host_factors(rule, lr_kind):
 
 
 def test_step_prologue_compiles_for_cuda():
-    """The step prologue (fp64 factor math) compiles for an sm_90 GPU, for every rule."""
+    """The step prologue (fp64 factor math) compiles for an sm_90 GPU, for every rule, with
+    lr as an argument or a tensor, counting the step or not."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -350,10 +351,10 @@ def test_step_prologue_compiles_for_cuda():
     signature = {p.name: "*i64" if p.name == "table" else "*fp32" if p.name in ("factors", "found_inf", "lr_ptr")
                  else "i32" if p.name == "n" else "fp32" for p in fn.params if not p.is_constexpr}
     for code in range(7):
-        for lr_tensor in (False, True):
+        for lr_tensor, advance in ((False, True), (True, True), (False, False)):
             src = ASTSource(fn=fn, signature=signature,
                             constexprs=dict(W=4, BLOCK=launcher.PROLOGUE_BLOCK, RULE=code, BIAS=True, HAS_FOUND=True,
-                                            LR_TENSOR=lr_tensor))
+                                            LR_TENSOR=lr_tensor, ADVANCE=advance))
             triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False})
 
 
@@ -528,6 +529,36 @@ def test_grad_norm_rejects_other_norms():
 
 
 # ----- the table, recompiles, dispatch ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rule", list(RULES))
+def test_step_prologue_counts_the_step(rule, device):
+    """``advance=True`` (the optimizer's path): the prologue adds 1 to every device count,
+    in place, before computing the factors, so the update equals a run given this step's
+    count; a set ``found_inf`` leaves params, state and counts as they were."""
+    gen = torch.Generator().manual_seed(15)
+    shapes = COUPLED_SHAPES if rule == "coupled_adam" else [(0,), (5,), (300,)]
+    params, grads, state = bucket(rule, shapes, torch.float32, device, gen)
+    if "mu_product" in state:
+        state["mu_product"] = [t.to(device) for t in state["mu_product"]]
+    group = RULES[rule][0]
+    counts = [torch.tensor(2.0, device=device) for _ in params]
+    given = [torch.tensor(3.0, device=device) for _ in params]
+    P, G, S = clone(params), clone(grads), clone(state)
+    launcher.run(rule, P, G, S, given, group)
+    launcher.run(rule, params, grads, state, counts, group, advance=True)
+    assert [float(t) for t in counts] == [3.0] * len(params)
+    for key, values in [("params", (params, P)), *((k, (state[k], S[k])) for k in S)]:
+        assert all(torch.equal(a, e) for a, e in zip(*values)), key
+    found = torch.ones((), device=device)
+    before, saved = clone(params), clone(state)
+    launcher.run(rule, params, grads, state, counts, group, found_inf=found, advance=True)
+    assert [float(t) for t in counts] == [3.0] * len(params)
+    assert all(torch.equal(a, e) for a, e in zip(params, before))
+    assert all(torch.equal(a, e) for k in saved for a, e in zip(state[k], saved[k]))
+    with pytest.raises(ValueError, match="only device step tensors can be advanced"):
+        launcher.run(rule, params, grads, state, [3.0] * len(params), group, advance=True)
 
 
 def test_table_is_cached_and_rebuilt_when_storage_changes():

@@ -30,14 +30,14 @@ param (warning once) and drops one that is not wanted (warning once).
 Device step counts (the triton backend). ``state["step"]`` and NAdam's ``state["mu_product"]``
 live on the param's device (created there lazily; ``load_state_dict`` puts loaded ones there,
 so torch's fused/capturable state dicts load either way). A step never reads them on the
-host: it adds 1 on the device, and the triton prologue kernel computes the step-dependent
-factors from them. That, with AMP's ``grad_scale``/``found_inf`` taken on the device, leaves
+host: the triton step prologue kernel adds 1 to them on the device and computes the
+step-dependent factors from them. That, with AMP's ``grad_scale``/``found_inf`` taken on the device, leaves
 no per-step host value in the step, so it can be captured in a CUDA graph. AMP:
 ``_step_supports_amp_scaling`` is True on the triton backend, so ``torch.amp.GradScaler.step``
 sets ``grad_scale`` (None when already unscaled) and ``found_inf`` on the optimizer and calls
 ``step``: the kernel divides the gradients by ``grad_scale`` (times any ``scale_next_step``
-coefficient), and a set ``found_inf`` makes the launch a no-op and takes the count back
-(``t -= found_inf``, as torch's fused Adam), leaving ``mu_product`` as it was.
+coefficient), and a set ``found_inf`` makes the launch a no-op and does not count the step
+(as torch's fused Adam), leaving ``mu_product`` as it was.
 """
 
 from __future__ import annotations
@@ -258,19 +258,19 @@ class Optimizer(torch.optim.Optimizer):
             # a float (one host read per group and step).
             hyper = group if on_device or not isinstance(group["lr"], Tensor) else {**group, "lr": float(group["lr"])}
             for params, grads, state_lists, step_tensors, originals in buckets.values():
-                torch._foreach_add_(step_tensors, 1.0)
                 hook = sharding.row_mean(originals) if rule == "coupled_adam" else None
                 if on_device:
-                    # The device step tensors themselves: the backend reads t on the device.
+                    # The device step tensors themselves: the backend's step prologue counts
+                    # the step on the device (t += 1, taken back when found_inf is set, as
+                    # torch's fused Adam does) and reads t there.
                     device = params[0].device
                     if device not in amp_on:
                         amp_on[device] = self._amp_on(device, amp_scale, amp_found)
                     inv_scale, found = amp_on[device]
-                    if found is not None:  # a skipped step is not counted (torch's fused Adam)
-                        torch._foreach_sub_(step_tensors, [found] * len(step_tensors))
                     self._run(rule, params, grads, state_lists, step_tensors, hyper, row_mean=hook,
-                              found_inf=found, **self._gradient_transform(gi, grads, inv_scale))
+                              found_inf=found, advance=True, **self._gradient_transform(gi, grads, inv_scale))
                     continue
+                torch._foreach_add_(step_tensors, 1.0)
                 steps = torch.stack(step_tensors).tolist()
                 self._run(rule, params, grads, state_lists, steps, hyper, row_mean=hook,
                           **self._gradient_transform(gi, grads))

@@ -34,10 +34,11 @@ What reaches the kernel, and how
 
 Step counts on the device, and the step prologue
     ``Optimizer.step`` keeps each param's ``step`` (and NAdam's ``mu_product``) as a float32
-    0-d tensor on the param's device (torch's ``fused=True``/``capturable=True`` format),
-    adds 1 on the device (``torch._foreach_add_``), and passes the step tensors themselves
-    as ``steps``. Nothing reads them on the host. Per bucket, one small launch of
-    ``factors_kernel`` (the step prologue) reads every ``t_i`` through a cached table of
+    0-d tensor on the param's device (torch's ``fused=True``/``capturable=True`` format) and
+    passes the step tensors themselves as ``steps``, with ``advance=True``. Nothing reads
+    them on the host. Per bucket, one small launch of ``factors_kernel`` (the step
+    prologue) counts the step (``t_i += 1``, taken back when ``found_inf`` is set: the two
+    foreach launches torch's fused Adam spends on this), reads every ``t_i`` through a cached table of
     the step tensors' addresses and writes the step-dependent factors, per tensor, into an
     fp32 ``(n, 4)`` device array the elementwise kernel reads: the bias corrections
     folded into ``-lr / (1 - beta1^t)`` and ``1 / sqrt(1 - beta2^t)``, AdaGrad's decayed
@@ -57,8 +58,8 @@ Step counts on the device, and the step prologue
     prologue, so there is one way the factors are computed.
 
     Per-step host work: one ``data_ptr`` per tensor and slot (the table cache keys), the
-    hyperparameters as kernel arguments, two launches, plus the foreach increment of the
-    counts. None of it depends on a tensor's value.
+    hyperparameters as kernel arguments, two launches. None of it depends on a tensor's
+    value.
 
 Precision
     Loads upcast to fp32, the math is fp32 in registers, stores round once (bf16 by hand to
@@ -73,9 +74,9 @@ Fused clipping and AMP hooks (for :mod:`lightning_optim.clipping` and ``torch.am
     the 0-d device tensor ``t`` (clip-by-norm coefficient, AMP unscale), then clamped to
     [-c, c], before the rule; when the 0-d tensor ``f`` is nonzero every load and store of
     the launch is masked off, so the step changes no tensor, and the prologue leaves
-    ``mu_product`` alone. The step counts are the caller's: ``Optimizer.step`` takes a
-    skipped step back with ``t -= found_inf`` on the device, as torch's fused Adam does
-    (with host ``steps`` floats the counts and a CPU ``mu_product`` still advance).
+    ``mu_product`` alone and, with ``advance``, does not count the step, as torch's fused
+    Adam does (with host ``steps`` floats the counts and a CPU ``mu_product`` still
+    advance).
     ``grad_norm`` is the matching multi-tensor norm (2 or inf) with a finite flag, without
     a host sync.
 
@@ -169,19 +170,22 @@ def interpreter_enabled() -> bool:
 
 
 def run(rule, params, grads, state, steps, group, row_mean=None, *, grad_scale=None, found_inf=None,
-        clip_value=None) -> None:
+        clip_value=None, advance=False) -> None:
     """Apply ``rule`` to one (device, dtype) bucket in one fused launch.
 
     The backend signature ``run(rule, params, grads, state, steps, group, row_mean=None)``
-    (``steps``: the counts after this step's increment, float32 0-d tensors on the params'
-    device, or Python floats; see the module docstring) plus the fused-clip hooks ``grad_scale``, ``found_inf`` and ``clip_value`` (see the
-    module docstring). ``row_mean(i, local_sum)``: Coupled Adam's hook turning the local
-    sum over dim 0 of g^2 (fp32, shape (1, *shape[1:])) into the global mean.
+    (``steps``: this step's counts, float32 0-d tensors on the params' device, or Python
+    floats; see the module docstring) plus the fused-clip hooks ``grad_scale``,
+    ``found_inf`` and ``clip_value`` (see the module docstring), and ``advance``: the step
+    tensors hold the previous counts and the step prologue counts this step on the device
+    (what ``Optimizer.step`` passes). ``row_mean(i, local_sum)``: Coupled Adam's hook
+    turning the local sum over dim 0 of g^2 (fp32, shape (1, *shape[1:])) into the global
+    mean.
     """
     from . import launcher
 
     launcher.run(rule, params, grads, state, steps, group, row_mean, grad_scale=grad_scale,
-                 found_inf=found_inf, clip_value=clip_value)
+                 found_inf=found_inf, clip_value=clip_value, advance=advance)
 
 
 def grad_norm(grads, norm_type: float = 2.0) -> tuple[Tensor, Tensor]:

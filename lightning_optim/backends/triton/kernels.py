@@ -509,10 +509,16 @@ def _powi(base, e):
 @triton.jit
 def factors_kernel(table, factors, found_inf, lr_ptr, n, lr_hi, lr_lo, wd_hi, wd_lo, b1_hi, b1_lo, b2_hi, b2_lo,
                    c_hi, c_lo, W: tl.constexpr, BLOCK: tl.constexpr, RULE: tl.constexpr, BIAS: tl.constexpr,
-                   HAS_FOUND: tl.constexpr, LR_TENSOR: tl.constexpr):
+                   HAS_FOUND: tl.constexpr, LR_TENSOR: tl.constexpr, ADVANCE: tl.constexpr):
     """Per-tensor factors ``factors[i, 0:4]`` (fp32) of the elementwise kernel: every
-    quantity that depends on lr or on the step count ``t_i`` (slot 0 of table row i, after
-    this step's increment), in float64 as the reference computes them on the host.
+    quantity that depends on lr or on the step count ``t_i`` (slot 0 of table row i), in
+    float64 as the reference computes them on the host.
+
+    ADVANCE: slot 0 holds the count before this step, and the prologue counts the step:
+    ``t_i += 1``, then ``t_i -= 1`` again when ``found_inf`` is set (a skipped step is not
+    counted, as in torch's fused Adam), written back; the same two fp32 operations as
+    ``torch._foreach_add_``/``_foreach_sub_``, without their launches. Else ``t_i`` is this
+    step's count already.
 
     lr is ``*lr_ptr`` when LR_TENSOR (a 0-d device tensor, read at launch time, so a
     captured graph follows it), else the argument pair ``lr_hi + lr_lo``. NAdam also
@@ -524,6 +530,11 @@ def factors_kernel(table, factors, found_inf, lr_ptr, n, lr_hi, lr_lo, wd_hi, wd
     row = table + i.to(tl.int64) * W + HEADER
     sp = tl.load(row, mask=mask, other=0).to(tl.pointer_type(tl.float32))
     t32 = tl.load(sp, mask=mask, other=1.0)
+    if ADVANCE:
+        t32 = t32 + 1.0
+        if HAS_FOUND:
+            t32 = t32 - tl.where(tl.load(found_inf + i * 0, mask=mask, other=0) == 0, 0.0, 1.0)
+        tl.store(sp, t32, mask=mask)
     t = t32.to(tl.float64)
     e = tl.minimum(t32, 4294967295.0).to(tl.int64)
     zero = tl.full([BLOCK], 0.0, tl.float64)  # (tl.zeros is a @jit function: see the norm kernel)

@@ -255,10 +255,11 @@ def _lr(lr: float | Tensor, device: torch.device) -> tuple[Tensor | None, float]
 
 
 def _device_factors(rule: str, h: dict, state: dict[str, list[Tensor]], steps: Sequence[Tensor],
-                    found_inf: Tensor | None, device: torch.device) -> Tensor:
+                    found_inf: Tensor | None, device: torch.device, advance: bool = False) -> Tensor:
     """The per-tensor factors of a bucket: one launch of the step prologue, reading each
     ``t`` (and NAdam's ``mu_product``) through a cached table of their addresses and lr
-    from its tensor or argument, writing an fp32 ``(n, 4)`` device array."""
+    from its tensor or argument, writing an fp32 ``(n, 4)`` device array. ``advance``: the
+    prologue counts this step first (``t += 1 - found_inf``, in place)."""
     owner = "backend 'triton'"
     # Checked with C-level map (every step, every tensor); the loop only finds the culprit.
     if (set(map(_device, steps)) != {device} or set(map(_dtype, steps)) != {torch.float32}
@@ -284,7 +285,7 @@ def _device_factors(rule: str, h: dict, state: dict[str, list[Tensor]], steps: S
         tab.table, out, dummy if found_inf is None else found_inf, dummy if lr_tensor is None else lr_tensor,
         n, *args, W=tab.width, BLOCK=PROLOGUE_BLOCK, RULE=code, BIAS=bias, HAS_FOUND=found_inf is not None,
         # Unfused, as the host's float64 formulas (explicit: Triton's default is changing).
-        LR_TENSOR=lr_tensor is not None, num_warps=1, enable_fp_fusion=False,
+        LR_TENSOR=lr_tensor is not None, ADVANCE=advance, num_warps=1, enable_fp_fusion=False,
     )
     return out
 
@@ -342,11 +343,13 @@ def _coupled_rows(grads: list[Tensor], state: dict[str, list[Tensor]], h: dict, 
 def run(rule: str, params: Sequence[Tensor], grads: Sequence[Tensor], state: dict[str, list[Tensor]],
         steps: Sequence[Tensor] | Sequence[float], group: dict, row_mean: RowMean | None = None, *,
         grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
-        clip_value: float | None = None) -> None:
+        clip_value: float | None = None, advance: bool = False) -> None:
     """Apply ``rule`` to one (device, dtype) bucket in one kernel launch (see the package doc).
 
-    ``steps``: the device step tensors (what ``Optimizer.step`` passes on this backend), or
-    the counts as floats, as the other backends take them (put on the device here)."""
+    ``steps``: this step's counts, as device step tensors or as floats, as the other
+    backends take them (put on the device here). ``advance=True`` (what ``Optimizer.step``
+    passes): the device step tensors hold the previous counts, and the step prologue
+    counts this step on the device, ``t += 1``, taken back when ``found_inf`` is set."""
     if not params:
         return
     owner = "backend 'triton'"
@@ -357,6 +360,8 @@ def run(rule: str, params: Sequence[Tensor], grads: Sequence[Tensor], state: dic
     if clip_value is not None and not clip_value >= 0:
         raise invalid(owner, "clip_value", clip_value, "must be >= 0")
     if steps and not isinstance(steps[0], Tensor):
+        if advance:
+            raise invalid(owner, "steps", "floats with advance=True", "only device step tensors can be advanced")
         steps = [torch.tensor(float(t), dtype=torch.float32, device=device) for t in steps]
     kernel_name, keys, floats, switches = _plan(rule, group)
     master = state.get("master_param")
@@ -369,7 +374,7 @@ def run(rule: str, params: Sequence[Tensor], grads: Sequence[Tensor], state: dic
     # lr- and step-dependent factors come from the step prologue, on the device (before the
     # elementwise kernel on the same stream; also for a bucket of empty tensors: NAdam's
     # mu_product advances for every tensor that got a gradient, as in the reference).
-    factors = _device_factors(rule, group, state, steps, found_inf, device)
+    factors = _device_factors(rule, group, state, steps, found_inf, device, advance)
     slot_lists = [list(state[k]) for k in keys] + ([list(master)] if master is not None else [])
     ps, gs, ss, back = _layouts(params, grads, slot_lists, coupled)
     block = BLOCK["cpu" if device.type == "cpu" else "cuda"]

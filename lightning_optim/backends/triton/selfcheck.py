@@ -12,7 +12,8 @@ Why this exists
 
 What it does
     For one (rule, compile-time options, dtype, device): two steps (t = 1, then t = 2 with
-    other gradients) of :func:`.launcher.run` on scratch tensors, never the user's, against
+    other gradients, the counts advanced by the step prologue on the device as in
+    ``Optimizer.step``) of :func:`.launcher.run` on scratch tensors, never the user's, against
     :func:`..reference.run` on CPU copies, then a comparison of the params (and the fp32
     master, with ``master_weights``) and of every fp32 state tensor. Two steps, because the
     first starts from the zero state and so never reads it. The scratch params are two
@@ -126,10 +127,11 @@ def _check(rule: str, group: dict, dtype: torch.dtype, device: torch.device,
     ref_state = {k: [t.to("cpu", copy=True) for t in v] for k, v in state.items()}
 
     where = f"{_dtype_name(dtype)} params on {device}"
+    # The optimizer's own path: persistent device counts, advanced by the step prologue.
+    steps = [torch.zeros((), dtype=torch.float32, device=device) for _ in params]
     try:
-        for t, gs in zip((1.0, 2.0), grads):
-            steps = [torch.tensor(t, dtype=torch.float32, device=device) for _ in params]
-            launcher.run(rule, params, gs, state, steps, h)
+        for gs in grads:
+            launcher.run(rule, params, gs, state, steps, h, advance=True)
         if device.type == "cuda":
             # Launches are asynchronous: a fault in the kernel surfaces at the next sync.
             torch.cuda.synchronize(device)
@@ -137,6 +139,9 @@ def _check(rule: str, group: dict, dtype: torch.dtype, device: torch.device,
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         return f"the triton {rule} kernel failed to compile/launch for {where}: {type(e).__name__}: {first}"
 
+    counts = [float(t) for t in steps]
+    if counts != [2.0] * len(params):
+        return f"the triton {rule} step prologue left the step counts at {counts} after two steps for {where}"
     for t, gs in zip((1.0, 2.0), ref_grads):
         reference.run(rule, ref_params, gs, ref_state, [t] * len(ref_params), ref_h)
 
