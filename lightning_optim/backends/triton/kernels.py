@@ -623,8 +623,9 @@ def coupled_row_kernel(row_sum, v, vmax, grad_scale, found_inf, H, rows, beta2, 
     (clip-by-norm coefficient, AMP unscale); ``rows``: the number of rows summed, or 1 when a
     sharding hook already turned the sum into the global mean. The mean over the rows of the
     EMA is the EMA of the mean, so this one row is the row-average of a full second moment
-    (Stollenwerk & Stollenwerk 2025, "Better Embeddings with Coupled Adam", eq. 7). A set
-    ``found_inf`` writes nothing, as in the elementwise kernels.
+    (Stollenwerk & Stollenwerk 2025, "Better Embeddings with Coupled Adam", arXiv:2502.08441,
+    Sec. 4; the formula is :class:`~lightning_optim.CoupledAdam`'s). A set ``found_inf``
+    writes nothing, as in the elementwise kernels.
     """
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     n = H
