@@ -14,6 +14,7 @@ eight.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -494,40 +495,6 @@ def test_bf16_rounding_is_torchs(device):
     assert torch.equal(p.cpu()[10:], expected[10:])
 
 
-# ----- the gradient norm ------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("norm_type", [2.0, math.inf])
-def test_grad_norm_matches_torch(norm_type, device):
-    gen = torch.Generator().manual_seed(10)
-    grads = [torch.randn(s, generator=gen) * 3 for s in ((1009,), (0,), (1,), (6, 7), (300,))]
-    grads = [g.to(device=device, dtype=torch.bfloat16 if i % 2 else torch.float32) for i, g in enumerate(grads)]
-    grads.append(torch.randn(9, 4, generator=gen).to(device).t())  # non-contiguous
-    total, finite = tb.grad_norm(grads, norm_type)
-    # (torch refuses the inf-norm of an empty tensor; it adds nothing to either norm.)
-    expected = torch.nn.utils.get_total_norm([g.float().cpu() for g in grads if g.numel()], norm_type)
-    assert total.dtype == torch.float32 and total.dim() == 0 and total.device.type == device
-    assert_rel(total.cpu(), expected, 1e-6, "norm")
-    assert finite.item() is True
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("norm_type", [2.0, math.inf])
-@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
-def test_grad_norm_flags_non_finite(bad, norm_type, device):
-    grads = [torch.ones(200, device=device), torch.ones(5, device=device, dtype=torch.bfloat16)]
-    grads[0][150] = bad
-    total, finite = tb.grad_norm(grads, norm_type)
-    assert finite.item() is False
-    assert not math.isfinite(total.item())
-
-
-def test_grad_norm_rejects_other_norms():
-    with pytest.raises(ValueError, match="norm_type=1.0"):
-        tb.grad_norm([torch.ones(3)], 1.0)
-
-
 # ----- the table, recompiles, dispatch ----------------------------------------------------------
 
 
@@ -559,6 +526,24 @@ def test_step_prologue_counts_the_step(rule, device):
     assert all(torch.equal(a, e) for k in saved for a, e in zip(state[k], saved[k]))
     with pytest.raises(ValueError, match="only device step tensors can be advanced"):
         launcher.run(rule, params, grads, state, [3.0] * len(params), group, advance=True)
+
+
+def test_device_counts_of_another_kind_are_refused():
+    """Step counts and NAdam's mu_product given as device tensors must be float32 0-d
+    tensors on the params' device: anything else is refused, naming the field and the tensor."""
+    gen = torch.Generator().manual_seed(16)
+    params, grads, state = bucket("nadam", [(5,), (3,)], torch.float32, "cpu", gen)
+    group = RULES["nadam"][0]
+    wide = [torch.tensor(1.0), torch.tensor(1.0, dtype=torch.float64)]
+    with pytest.raises(ConfigurationError, match=re.escape(
+            "backend 'triton': step='a torch.float64 tensor of shape [] on cpu' is invalid: device step tensors "
+            "must be float32 0-d tensors on the params' device (cpu)")):
+        launcher.run("nadam", params, grads, state, wide, group)
+    state["mu_product"][1] = torch.ones(2)
+    with pytest.raises(ConfigurationError, match=re.escape(
+            "backend 'triton': mu_product='a torch.float32 tensor of shape [2] on cpu' is invalid: device "
+            "mu_product tensors must be float32 0-d tensors on the params' device (cpu)")):
+        launcher.run("nadam", params, grads, state, [torch.tensor(1.0)] * 2, group)
 
 
 def test_table_is_cached_and_rebuilt_when_storage_changes():
@@ -684,9 +669,7 @@ def test_kernels_compile_for_cuda(kernel_resources):
                     | {"H": "i32", "rows": "fp32", "beta2": "fp32"},
                     constexprs=dict(BLOCK=launcher.ROW_BLOCK, HAS_SCALE=True, HAS_FOUND=True, AMSGRAD=True))
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False})
-    src = ASTSource(fn=compiled.norm_kernel, signature={"table": "*i64", "blocks": "*i32", "partials": "*fp32"},
-                    constexprs=dict(W=3, BLOCK=2048, KIND=0, ALIGNED=True, INF=True))
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": True})
+
 
 
 def test_resolve(monkeypatch):

@@ -76,9 +76,9 @@ Fused clipping and AMP hooks (for :mod:`lightning_optim.clipping` and ``torch.am
     the launch is masked off, so the step changes no tensor, and the prologue leaves
     ``mu_product`` alone and, with ``advance``, does not count the step, as torch's fused
     Adam does (with host ``steps`` floats the counts and a CPU ``mu_product`` still
-    advance).
-    ``grad_norm`` is the matching multi-tensor norm (2 or inf) with a finite flag, without
-    a host sync.
+    advance). The norm the clipping coefficient comes from is not computed here:
+    :mod:`lightning_optim.clipping` takes it from ``torch._foreach_norm`` (one read of the
+    grads, and the same bits as ``clip_grad_norm_``), with no host sync either.
 
     ``torch.amp.GradScaler``: the optimizers set ``_step_supports_amp_scaling`` on this
     backend, so ``scaler.step(opt)`` does not unscale the gradients or read ``found_inf``
@@ -149,7 +149,7 @@ import os
 import torch
 from torch import Tensor
 
-__all__ = ["available", "why_unavailable", "interpreter_enabled", "run", "grad_norm", "bytes_per_param"]
+__all__ = ["available", "why_unavailable", "interpreter_enabled", "run", "bytes_per_param"]
 
 
 def available() -> bool:
@@ -186,14 +186,6 @@ def run(rule, params, grads, state, steps, group, row_mean=None, *, grad_scale=N
 
     launcher.run(rule, params, grads, state, steps, group, row_mean, grad_scale=grad_scale,
                  found_inf=found_inf, clip_value=clip_value, advance=advance)
-
-
-def grad_norm(grads, norm_type: float = 2.0) -> tuple[Tensor, Tensor]:
-    """``(total_norm, finite)`` of ``grads`` (0-d fp32 device tensors), as
-    ``torch.nn.utils.get_total_norm``, for norm_type 2 and inf, in one launch per dtype."""
-    from . import launcher
-
-    return launcher.grad_norm(grads, norm_type)
 
 
 def bytes_per_param(rule: str, group: dict, dtype: torch.dtype, *, master: bool = False) -> int:

@@ -1,5 +1,5 @@
-"""The ``@triton.jit`` kernels: one per update rule, the step prologue, Coupled Adam's row
-update and the gradient-norm reduction.
+"""The ``@triton.jit`` kernels: one per update rule, the step prologue and Coupled Adam's row
+update.
 
 Every elementwise kernel has the same shape (see the package docstring for the table):
 
@@ -640,36 +640,3 @@ def coupled_row_kernel(row_sum, v, vmax, grad_scale, found_inf, H, rows, beta2, 
     tl.store(v + offs, v_new, mask=mask)
     if AMSGRAD:
         tl.store(vmax + offs, tl.maximum(tl.load(vmax + offs, mask=mask, other=0), v_new), mask=mask)
-
-
-# ----- the gradient norm ---------------------------------------------------------------------
-
-# tl.sum / tl.max are @jit functions of triton.language, decorated when Triton was imported:
-# under the interpreter they only work if TRITON_INTERPRET was set before that import.
-# tl.reduce with combine functions of this module works in both modes.
-
-
-@triton.jit
-def _add(a, b):
-    return a + b
-
-
-@triton.jit
-def _maximum(a, b):
-    return tl.maximum(a, b)
-
-
-@triton.jit
-def norm_kernel(table, blocks, partials, W: tl.constexpr, BLOCK: tl.constexpr, KIND: tl.constexpr,
-                ALIGNED: tl.constexpr, INF: tl.constexpr):
-    """One partial per block: the sum of g^2, or max |g| (NaN counted as inf) for INF."""
-    ti, row, n, start, offs = _locate(table, blocks, W, BLOCK)
-    x = _load(_addr(row, 0, KIND, ALIGNED), offs, offs < n, KIND)
-    if INF:
-        a = tl.abs(x)
-        # max() may drop NaNs (maxnum); turn them into inf so the flag still trips.
-        a = tl.where(a == a, a, float("inf"))
-        part = tl.reduce(a, 0, _maximum)
-    else:
-        part = tl.reduce(x * x, 0, _add)
-    tl.store(partials + tl.program_id(0), part)

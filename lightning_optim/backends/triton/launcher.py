@@ -9,7 +9,6 @@ the table from the cache; one launch; copy back any work copies. See the package
 from __future__ import annotations
 
 import importlib.util
-import math
 import struct
 import sys
 from collections.abc import Callable, Sequence
@@ -118,7 +117,7 @@ def _layouts(params: Sequence[Tensor], grads: Sequence[Tensor], states: list[lis
     row-major (the row of the shared second moment is indexed by offset % H).
     """
     if _all_plain(params, grads, states):
-        return list(params), list(grads), [list(slot) for slot in states], []
+        return params, grads, states, []  # as given: nothing to copy
     ps, gs, ss, back = [], [], [[] for _ in states], []
     for i, p in enumerate(params):
         work = p if (p.is_contiguous() if coupled else _dense(p)) else p.contiguous()
@@ -254,30 +253,33 @@ def _lr(lr: float | Tensor, device: torch.device) -> tuple[Tensor | None, float]
     return lr, 0.0
 
 
+def _check_device_scalars(key: str, tensors: Sequence[Tensor], device: torch.device) -> None:
+    """Every tensor a float32 one-element tensor on ``device`` (the step counts and NAdam's
+    ``mu_product`` on this backend), checked with C-level ``map``: this runs every step for
+    every tensor; the loop only names the culprit."""
+    if (set(map(_device, tensors)) <= {device} and set(map(_dtype, tensors)) <= {torch.float32}
+            and set(map(Tensor.numel, tensors)) <= {1}):
+        return
+    for t in tensors:
+        if t.device != device or t.dtype != torch.float32 or t.numel() != 1:
+            raise invalid("backend 'triton'", key, f"a {t.dtype} tensor of shape {list(t.shape)} on {t.device}",
+                          f"device {key} tensors must be float32 0-d tensors on the params' device ({device})")
+
+
 def _device_factors(rule: str, h: dict, state: dict[str, list[Tensor]], steps: Sequence[Tensor],
                     found_inf: Tensor | None, device: torch.device, advance: bool = False) -> Tensor:
     """The per-tensor factors of a bucket: one launch of the step prologue, reading each
     ``t`` (and NAdam's ``mu_product``) through a cached table of their addresses and lr
     from its tensor or argument, writing an fp32 ``(n, 4)`` device array. ``advance``: the
     prologue counts this step first (``t += 1 - found_inf``, in place)."""
-    owner = "backend 'triton'"
-    # Checked with C-level map (every step, every tensor); the loop only finds the culprit.
-    if (set(map(_device, steps)) != {device} or set(map(_dtype, steps)) != {torch.float32}
-            or set(map(Tensor.numel, steps)) != {1}):
-        for t in steps:
-            if t.device != device or t.dtype != torch.float32 or t.numel() != 1:
-                raise invalid(owner, "step", f"a {t.dtype} tensor of shape {list(t.shape)} on {t.device}",
-                              f"device step counts must be float32 0-d tensors on the params' device ({device})")
+    _check_device_scalars("step", steps, device)
     code, values, bias = _prologue(rule, h)
     lr_tensor, lr = _lr(h["lr"], device)
     products = list(state["mu_product"]) if rule == "nadam" else None
     if products is not None:
-        for t in products:
-            if t.device != device or t.dtype != torch.float32:
-                raise invalid(owner, "mu_product", f"a {t.dtype} tensor on {t.device}",
-                              f"must be a float32 0-d tensor on the params' device ({device}) with device steps")
+        _check_device_scalars("mu_product", products, device)
     n = len(steps)
-    tab = TABLES.get([list(steps)] + ([products] if products is not None else []), [1] * n, BLOCK["cpu"])
+    tab = TABLES.get([list(steps)] + ([products] if products is not None else []), None, BLOCK["cpu"])
     out = torch.empty((n, 4), dtype=torch.float32, device=device)
     args = [a for v in (lr, *values) for a in _split(v)]
     dummy = _dummy(device)
@@ -294,7 +296,7 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _coupled_rows(grads: list[Tensor], state: dict[str, list[Tensor]], h: dict, row_mean: RowMean | None,
+def _coupled_rows(grads: Sequence[Tensor], state: dict[str, list[Tensor]], h: dict, row_mean: RowMean | None,
                   grad_scale: Tensor | None, found_inf: Tensor | None, clip_value: float | None) -> None:
     """Coupled Adam's step 2 (and 3) on the (1, H) rows, before the elementwise kernel.
 
@@ -370,7 +372,7 @@ def run(rule: str, params: Sequence[Tensor], grads: Sequence[Tensor], state: dic
     coupled = rule == "coupled_adam"
     if coupled:
         # Before the layout copies, so a copied row already holds the new second moment.
-        _coupled_rows(list(grads), state, group, row_mean, grad_scale, found_inf, clip_value)
+        _coupled_rows(grads, state, group, row_mean, grad_scale, found_inf, clip_value)
     # lr- and step-dependent factors come from the step prologue, on the device (before the
     # elementwise kernel on the same stream; also for a bucket of empty tensors: NAdam's
     # mu_product advances for every tensor that got a gradient, as in the reference).
@@ -378,10 +380,7 @@ def run(rule: str, params: Sequence[Tensor], grads: Sequence[Tensor], state: dic
     slot_lists = [list(state[k]) for k in keys] + ([list(master)] if master is not None else [])
     ps, gs, ss, back = _layouts(params, grads, slot_lists, coupled)
     block = BLOCK["cpu" if device.type == "cpu" else "cuda"]
-    if coupled:
-        rowlens = [max(1, p.numel() // p.shape[0]) if p.numel() else 1 for p in ps]
-    else:
-        rowlens = [max(1, n) for n in map(Tensor.numel, ps)]
+    rowlens = [max(1, p.numel() // p.shape[0]) if p.numel() else 1 for p in ps] if coupled else None
     tab = TABLES.get([ps, gs, *ss], rowlens, block)
     if tab.nblocks:
         dummy = _dummy(device)
@@ -400,46 +399,3 @@ def run(rule: str, params: Sequence[Tensor], grads: Sequence[Tensor], state: dic
         )
     for original, copy in back:
         original.copy_(copy)
-
-
-def grad_norm(grads: Sequence[Tensor], norm_type: float = 2.0) -> tuple[Tensor, Tensor]:
-    """``(total_norm, finite)``: the norm of all ``grads`` together, as 0-d fp32 tensors.
-
-    Equals ``torch.nn.utils.get_total_norm(grads, norm_type)`` to fp32 rounding, for
-    ``norm_type`` 2 and inf, in one multi-tensor launch per (device, dtype) plus a sum (or
-    max) over the per-block partials: no host sync. ``finite`` is False when the norm is
-    inf or NaN (a NaN gradient makes the inf-norm inf, not NaN: its max drops NaNs).
-    """
-    owner = "grad_norm"
-    norm_type = float(norm_type)
-    if norm_type not in (2.0, math.inf):
-        raise invalid(owner, "norm_type", norm_type, "the Triton reduction supports 2 and inf")
-    grads = [g for g in grads if g is not None]
-    if not grads:
-        total = torch.zeros((), dtype=torch.float32)
-        return total, torch.isfinite(total)
-    device = grads[0].device
-    inf = norm_type == math.inf
-    buckets: dict[tuple, list[Tensor]] = {}
-    for g in grads:
-        _kind(owner, g.dtype)
-        buckets.setdefault((g.device, g.dtype), []).append(g if _dense(g) else g.contiguous())
-    parts = []
-    for (dev, dtype), gs in buckets.items():
-        block = BLOCK["cpu" if dev.type == "cpu" else "cuda"]
-        tab = TABLES.get([gs], [max(1, g.numel()) for g in gs], block)
-        if not tab.nblocks:
-            continue
-        partials = torch.empty(tab.nblocks, dtype=torch.float32, device=dev)
-        kernels(dev).norm_kernel[(tab.nblocks,)](
-            tab.table, tab.blocks, partials, W=tab.width, BLOCK=block, KIND=_KIND[dtype], ALIGNED=tab.aligned,
-            INF=inf, num_warps=NUM_WARPS, enable_fp_fusion=True,
-        )
-        parts.append((partials.max() if inf else partials.sum()).to(device))
-    if not parts:
-        total = torch.zeros((), dtype=torch.float32, device=device)
-    elif inf:
-        total = torch.stack(parts).max()
-    else:
-        total = torch.stack(parts).sum().sqrt()
-    return total, torch.isfinite(total)

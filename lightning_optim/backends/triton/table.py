@@ -6,7 +6,7 @@ int64 tensor of shape ``(n, 2 + k)`` on the bucket's device::
     row i = [numel_i, rowlen_i, addr(p_i), addr(g_i), addr(state0_i), ...]
 
 ``rowlen`` is the length of one row along dim 0 (Coupled Adam's column index is
-``offset % rowlen``); other rules ignore it. The block list is an int32 tensor of shape
+``offset % rowlen``); other rules ignore it, and their tables store the numel there. The block list is an int32 tensor of shape
 ``(nblocks, 2)``: (tensor index, block index within the tensor) for every ``BLOCK``-sized
 block of every tensor, so program ``pid`` of the launch finds its work in two loads and
 empty tensors get no program at all.
@@ -50,8 +50,9 @@ class TableCache:
         self.hits = 0
         self.builds = 0
 
-    def get(self, slots: list[list[Tensor]], rowlens: list[int], block: int) -> Table:
+    def get(self, slots: list[list[Tensor]], rowlens: list[int] | None, block: int) -> Table:
         """The table of ``slots[j][i]`` (slot j of tensor i); every slot list has n tensors.
+        ``rowlens``: Coupled Adam's row lengths, or None where the kernel never reads them.
 
         Slot 0 decides numel; all tensors of one index must share its layout (the launcher
         makes sure), except rows (Coupled Adam's second moment), read through ``rowlen``.
@@ -61,7 +62,8 @@ class TableCache:
         # map over the C methods: this key is built every step, for every tensor and slot.
         numels = tuple(map(Tensor.numel, first))
         addrs = tuple(tuple(map(Tensor.data_ptr, slot)) for slot in slots)
-        key = (device, block, numels, tuple(rowlens), addrs)
+        rowlens = numels if rowlens is None else tuple(rowlens)
+        key = (device, block, numels, rowlens, addrs)
         hit = self._tables.get(key)
         if hit is not None:
             self._tables.move_to_end(key)
