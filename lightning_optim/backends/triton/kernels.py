@@ -189,7 +189,6 @@ def _sgd_block(row, offs, mask, neg_lr, wd, mu, damp, scale, clip,
     _finish(row, offs, mask, p, KIND, ALIGNED, MASTER, MSLOT)
 
 
-
 # Every kernel: common arguments first (table, blocks, factors, grad_scale, found_inf), then
 # the rule's lr-free hyperparameters as runtime fp32 scalars and the clip bound, then the
 # compile-time switches. Everything that depends on lr or on the step count (-lr, the bias
