@@ -6,12 +6,19 @@ Usage::
 
 prints the path of the page it wrote (default ``RUN_DIR/dashboard.html``); the figures are
 also saved as PNG files in ``<OUT stem>_figures/`` beside it. It exits with status 2 and a
-one-line message when ``RUN_DIR`` has no metrics. Works on a finished or a running run.
+one-line message when ``RUN_DIR`` has no metrics. Works on a finished, a running, a killed
+or a resumed run. Warnings (skipped lines) go to stderr as ``warning: ...`` lines.
 
 Inputs, found under ``RUN_DIR`` (which may also be the metrics file itself):
 
 * ``metrics.csv`` from Lightning's ``CSVLogger`` (searched recursively, the newest taken):
-  one ``step`` column, one column per key, sparse rows (an empty cell = not logged then);
+  one ``step`` column, one column per key, sparse rows (an empty cell = not logged then). No
+  value is ever shown at a wrong step: a line that was cut (the last one, with no line end,
+  as a kill or a running writer leaves it) or is malformed (a wrong number of fields, a cell
+  that is not a number) is skipped with a :class:`MetricsFileWarning` naming ``file:line``.
+  Rows need not be in step order (the monitor's and Lightning's rows interleave), a repeated
+  header starts a new column set, and when a step appears in several rows each key takes the
+  value of the last row that has one: a resumed run's rows supersede the killed run's;
 * otherwise a W&B run (``wandb/offline-run-*/run-*.wandb``, offline or online, the latest
   taken), read without a server by :mod:`lightning_optim.wandb_history`. The step is
   Lightning's ``trainer/global_step`` when logged, else W&B's ``_step``; histograms are left
@@ -26,6 +33,12 @@ The keys it plots are those the :class:`lightning_optim.MomentMonitor` and the
   order as far as the source keeps it: a CSV's column order when it is not merely sorted,
   otherwise (Lightning sorts its CSV columns; W&B keeps no key order) the embedding tensors
   first, then a numeric-aware sort of the names, so ``blocks.2`` comes before ``blocks.10``;
+  each heatmap's caption says which. A row's label is the shortest suffix of whole dotted
+  parts that no other tensor's name ends with (never two rows with one label). Columns are
+  the monitor's log steps (every step at which some per-parameter statistic was logged): a
+  cell spans from the previous log step to its own, the interval over which ``v_drift``
+  measures the change of v; the other statistics are the value at the cell's right edge.
+  The color bar carries the statistic's definition; gray cells were not logged;
 * ``embedding/mean_ratio/<name>`` and ``embedding/isotropy/<name>`` over steps;
 * ``optim/grad_norm_total`` (and the per-group ``optim/grad_norm/<group>``), with clip events
   (steps where ``optim/clipped_steps`` grew, or any ``optim/clipped/<group>`` is 1) and
@@ -35,14 +48,16 @@ The keys it plots are those the :class:`lightning_optim.MomentMonitor` and the
 
 ``optim/grad_norm/<x>`` is per group when ``x`` is a group name (one also seen under
 ``optim/lr/``, ``optim/clipped/`` or ``optim/clipped_fraction/``), per parameter otherwise.
-All figures share one step axis, so a stripe in a heatmap lines up with the loss spike it
-precedes. A figure whose keys were not logged is replaced by a "not logged in this run" note.
+All figures share one step axis, from the first logged step (or the first cell's left edge)
+to the last logged step, so a stripe in a heatmap lines up with the loss spike it precedes;
+a tensor, group or loss has one line color in every figure. A figure whose keys were not
+logged is replaced by a "not logged in this run" note.
 The page ends with the last value of every run-level key, a summary of the per-parameter
 statistics and (folded) their full table.
 
 Python API: :func:`load_run` (``{key: (steps, values)}``), :func:`find_metrics` and
-:func:`render`. Matplotlib draws without pyplot (no global backend is switched), with fixed
-sizes and margins, so the output is deterministic for given inputs.
+:func:`render`. Matplotlib draws without pyplot (no global backend is switched), with sizes
+and margins that depend only on the metrics, so the output is deterministic for given inputs.
 """
 
 from __future__ import annotations
@@ -56,12 +71,15 @@ import math
 import os
 import re
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PARAM_STATS", "NoMetricsError", "find_metrics", "load_run", "render", "main"]
+__all__ = [
+    "PARAM_STATS", "MetricsFileWarning", "NoMetricsError", "find_metrics", "load_run", "render", "main",
+]
 
 #: Per-parameter statistics logged as ``optim/<stat>/<parameter name>``.
 PARAM_STATS = (
@@ -153,28 +171,72 @@ class _Collector:
         return out
 
 
+class MetricsFileWarning(UserWarning):
+    """A line of a metrics file was skipped (``path:line: why``): it was cut or malformed, so
+    its values could sit at the wrong step."""
+
+
+_MAX_LINE_WARNINGS = 20  # then one summary, so a damaged file does not flood the console
+
+
 def _read_csv(path: Path) -> Table:
+    """The series of a CSVLogger ``metrics.csv``, skipping every line that could misplace a value.
+
+    Each physical line is parsed on its own. Skipped, each with a :class:`MetricsFileWarning`
+    naming ``path:line``: a last line with no line end (a row still being written or cut by a
+    kill: a cut inside the ``step`` field would turn step 199 into 19, a cut inside a value
+    would shorten it), a row whose number of fields differs from its header's, a row whose
+    step or any non-empty cell is not a number. A later line that is a header (holds ``step``
+    and no number) starts a new header, as a resumed run may write. When a step appears in
+    several rows, each key keeps the value of the last row that has one (a resumed run's rows
+    supersede those of the run it continues).
+    """
     collector = _Collector()
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
+    where = str(path)
+    header: list[str] | None = None
+    step_col = -1
+    columns: list[tuple[int, str]] = []
+    skipped: list[tuple[int, str]] = []
+    data = path.read_bytes()
+    for lineno, raw in enumerate(data.splitlines(keepends=True), start=1):
+        if not raw.endswith((b"\n", b"\r")):
+            skipped.append((lineno, "the line has no line end (still being written, or cut)"))
+            continue
+        text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+        if not text.strip():
+            continue
+        row = next(csv.reader([text]))
+        if "step" in row and not any(_number(cell) is not None for cell in row):
+            header = row
+            step_col = row.index("step")
+            columns = [(i, key) for i, key in enumerate(row) if i != step_col and key]
+            continue
         if header is None:
-            return {}
-        if "step" not in header:
-            raise ValueError(f"{str(path)!r} has no 'step' column (columns: {header[:8]}...)")
-        step_col = header.index("step")
-        columns = [(i, key) for i, key in enumerate(header) if i != step_col and key]
-        for row in reader:
-            if len(row) <= step_col:
-                continue  # a line still being written
-            step = _step(row[step_col])
-            if step is None:
-                continue
-            for i, key in columns:
-                if i < len(row) and row[i]:
-                    value = _number(row[i])
-                    if value is not None:
-                        collector.add(key, step, value)
+            raise ValueError(f"{where!r} has no 'step' column (first line: {text[:80]!r})")
+        if len(row) != len(header):
+            skipped.append((lineno, f"{len(row)} fields where the header has {len(header)}"))
+            continue
+        step = _step(row[step_col])
+        if step is None:
+            skipped.append((lineno, f"step {row[step_col]!r} is not a finite number"))
+            continue
+        values = []
+        for i, key in columns:
+            if row[i]:
+                value = _number(row[i])
+                if value is None:
+                    values = None
+                    skipped.append((lineno, f"{row[i]!r} in column {key!r} is not a number"))
+                    break
+                values.append((key, value))
+        for key, value in values or ():
+            collector.add(key, step, value)
+    for lineno, why in skipped[:_MAX_LINE_WARNINGS]:
+        warnings.warn(f"{where}:{lineno}: line skipped: {why}", MetricsFileWarning, stacklevel=2)
+    if len(skipped) > _MAX_LINE_WARNINGS:
+        rest = [n for n, _ in skipped[_MAX_LINE_WARNINGS:]]
+        warnings.warn(f"{where}: {len(rest)} more lines skipped (lines {rest[0]} to {rest[-1]}): cut or "
+                      "malformed", MetricsFileWarning, stacklevel=2)
     return collector.table()
 
 
@@ -239,6 +301,15 @@ def _natural_key(name: str) -> list[Any]:
     return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name) if t]
 
 
+#: How the heatmap rows are ordered, as the page states it (see :func:`_classify`).
+_ORDER_TEXT = {
+    "logged": "in the order the run logged them (the model's order), first at the top",
+    "sorted": "embedding tensors first, then the others by name with numbers in numeric order "
+              "(<code>blocks.2</code> before <code>blocks.10</code>); the metrics file does not keep "
+              "the model's order",
+}
+
+
 @dataclass
 class _Families:
     per_param: dict[str, dict[str, Series]]  # stat -> parameter -> series
@@ -250,24 +321,39 @@ class _Families:
     embedding: dict[str, dict[str, Series]]  # stat -> tensor -> series
     losses: dict[str, Series]
     scalars: dict[str, Series]  # everything that is not per parameter
+    order: str = "logged"  # a key of _ORDER_TEXT: how ``layers`` is ordered
+
+    @property
+    def monitor_steps(self) -> list[float]:
+        """Every step at which some per-parameter statistic was logged: the monitor's log steps."""
+        return sorted({s for stat in self.per_param.values() for steps, _ in stat.values() for s in steps})
+
+    @property
+    def embedding_names(self) -> list[str]:
+        """The tensors of the embedding statistics: in row order, then in first-seen order."""
+        seen = dict.fromkeys(n for stat in self.embedding.values() for n in stat)
+        rank = {name: i for i, name in enumerate(self.layers)}
+        return sorted(seen, key=lambda n: rank.get(n, len(rank)))
 
 
 def _classify(table: Table, keep_order: bool) -> _Families:
+    """Sort the series into families. Rows (``layers``) keep the source's key order when
+    ``keep_order`` and that order is not merely sorted; otherwise (Lightning's CSVLogger sorts its
+    columns, W&B keeps no key order) embedding tensors come first, then a numeric-aware sort."""
     groups: list[str] = []
     for key in table:
         for prefix in _GROUP_PREFIXES:
             if key.startswith(prefix) and key[len(prefix):] not in groups:
                 groups.append(key[len(prefix):])
     per_param: dict[str, dict[str, Series]] = {}
-    layers: list[str] = []
+    seen: dict[str, None] = {}
     embedding: dict[str, dict[str, Series]] = {}
-    fam = _Families(per_param, layers, groups, {}, {}, {}, embedding, {}, {})
+    fam = _Families(per_param, [], groups, {}, {}, {}, embedding, {}, {})
     for key, series in table.items():
         parts = key.split("/", 2)
         if len(parts) == 3 and parts[0] == "optim" and parts[1] in PARAM_STATS and parts[2] not in groups:
             per_param.setdefault(parts[1], {})[parts[2]] = series
-            if parts[2] not in layers:
-                layers.append(parts[2])
+            seen[parts[2]] = None
             continue
         fam.scalars[key] = series
         if len(parts) == 3 and parts[0] == "optim":
@@ -281,10 +367,12 @@ def _classify(table: Table, keep_order: bool) -> _Families:
             embedding.setdefault(parts[1], {})[parts[2]] = series
         elif parts[0] not in ("optim", "embedding") and "loss" in parts[-1].lower():
             fam.losses[key] = series
-    if not keep_order or layers == sorted(layers):
+    fam.layers = list(seen)
+    if not keep_order or fam.layers == sorted(fam.layers):
         # model order is lost: embeddings (the model's first tensors) on top, then by name
         first = {name for stat in embedding.values() for name in stat}
-        layers.sort(key=lambda name: (name not in first, _natural_key(name)))
+        fam.layers.sort(key=lambda name: (name not in first, _natural_key(name)))
+        fam.order = "sorted"
     return fam
 
 
@@ -292,60 +380,111 @@ def _classify(table: Table, keep_order: bool) -> _Families:
 # Figures
 
 _WIDTH = 11.0  # inches; every figure shares the width and the horizontal margins,
-_LEFT, _RIGHT = 0.22, 0.885  # so their step axes line up on the page
+_LEFT, _RIGHT = 0.22, 0.885  # so their step axes line up on the page (the left one may widen)
+_MAX_LEFT = 0.45
 _DPI = 100
-_BAD = "#d9d9d9"
-# group lines: no orange or red, which mark clip and skip events
-_GROUP_COLORS = ("tab:blue", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:gray", "tab:olive",
-                 "tab:cyan")
+#: Heatmap cells with no value (not logged at that step, or not finite), named as the captions name it.
+_NOT_LOGGED = ("gray", "#808080")
+# line colors, one per tensor, group or loss across every figure; no black (the total gradient
+# norm), orange or red (clip and skip events)
+_PALETTE = ("tab:blue", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan",
+            "tab:gray", "#aec7e8", "#98df8a", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d", "#9edae5")
+
+#: The color-bar label of each heatmap: the statistic's definition (lightning_optim.stats), where
+#: s is the cell's log step and s' the previous one.
+_COLORBAR = {
+    "v_drift": r"v_drift $= \Vert\hat{v}_s - \hat{v}_{s'}\Vert\ /\ \Vert\hat{v}_{s'}\Vert$",
+    "sqrt_v_mean": r"sqrt_v_mean $= \mathrm{mean}\ \sqrt{\hat{v}_s}$",
+    "snr": r"snr $= \mathrm{mean}\ |\hat{m}_s| / (\sqrt{\hat{v}_s} + \epsilon)$",
+    "update_ratio": r"update_ratio $= \Vert p_s - p_{s-1}\Vert\ /\ \Vert p_{s-1}\Vert$",
+    "dead_fraction": r"dead_fraction: share of $\sqrt{\hat{v}_s} < \epsilon$",
+}
 
 
-def _abbreviate(names: list[str], width: int = 36) -> list[str]:
-    """Short labels: the leading dotted parts shared by all names dropped, then, while a label is
-    longer than ``width``, parts replaced by an ellipsis: first the middle ones, then the first;
-    the indices with their names (``blocks.11``) and the last two parts (``c_attn.weight``) go
-    last."""
+def _short_labels(names: list[str]) -> list[str]:
+    """Row labels: for each name, its shortest suffix of whole dotted parts that no other name
+    ends with, so that two tensors never get the same label. Two parts at least (``weight``
+    alone names no tensor), and a suffix that would start with an index takes the part before
+    it too (``layers.0.linear1.bias``, not ``0.linear1.bias``). A name that is itself a suffix
+    of another keeps all its parts.
+
+    Distinct labels: two labels with k parts are the k-part suffixes of their names, and the
+    first one was only chosen because no other name has that k-part suffix.
+    """
+    from collections import Counter
+
     parts = [n.split(".") for n in names]
-    common = 0
-    if len(parts) > 1:
-        while all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
-            common += 1
-    return [_shorten(p[common:], width) for p in parts]
-
-
-def _join(tokens: list[str | None]) -> str:
-    out = ""
-    for i, token in enumerate(tokens):
-        if token is None:
-            if i == 0 or tokens[i - 1] is not None:
-                out += "\u2026"
-        else:
-            out += ("" if i == 0 or tokens[i - 1] is None else ".") + token
+    depth = max((len(p) for p in parts), default=0)
+    counts = [Counter(".".join(p[-k:]) for p in parts if len(p) >= k) for k in range(depth + 1)]
+    out = []
+    for p in parts:
+        k = next((k for k in range(min(2, len(p)), len(p) + 1) if counts[k][".".join(p[-k:])] == 1), len(p))
+        if k < len(p) and p[-k].isdigit():
+            k += 1
+        out.append(".".join(p[-k:]))
     return out
 
 
-def _shorten(parts: list[str], width: int) -> str:
-    tokens: list[str | None] = list(parts)
-    label = _join(tokens)
-    n = len(parts)
-    index = {i for i, p in enumerate(parts) if p.isdigit()}
-    named = {i - 1 for i in index}  # "blocks" of "blocks.11"
-    last = {n - 2, n - 1} if n > 1 else {0}
-    middle = [i for i in range(1, n) if i not in index | named | last]
-    for i in [i for i in middle + [0] + sorted(named - {0}) if i not in index | last]:
-        if len(label) <= width:
-            return label
-        tokens[i] = None
-        label = _join(tokens)
-    return label if len(label) <= width else "\u2026" + label[-(width - 1):]
+@dataclass
+class _Layout:
+    """What every figure of one page shares, so that they read as one."""
+
+    xlim: tuple[float, float]  # the step axis: first logged step (or cell edge) to the last logged step
+    left: float  # left margin, figure fraction: wide enough for the longest row label
+    labels: dict[str, str]  # tensor name -> its short label, the same in every figure
+    colors: dict[tuple[str, str], str]  # ("tensor" | "group" | "loss", name) -> line color
 
 
-def _new_figure(height: float, bottom_in: float = 0.55, top_in: float = 0.4) -> tuple[Any, list[float]]:
+def _cell_edges(columns: list[float], monitor_steps: list[float]) -> list[float]:
+    """Cell edges of heatmap columns (monitor log steps, a tail of ``monitor_steps``): a cell spans
+    from the previous log step to its own, the interval over which ``v_drift`` measures the change
+    of v; the first log step, which has no previous one, gets the width of the shortest interval
+    (1 with a single log step), starting no earlier than step 0 (step -1 for a log at step 0)."""
+    j = monitor_steps.index(columns[0])
+    if j > 0:
+        left = monitor_steps[j - 1]
+    else:
+        gaps = [b - a for a, b in zip(monitor_steps, monitor_steps[1:])]
+        left = max(columns[0] - (min(gaps) if gaps else 1), min(0, columns[0] - 1))
+    return [left, *columns]
+
+
+def _heatmap_columns(stat: str, fam: _Families) -> list[float]:
+    data = fam.per_param[stat]
+    first = min(steps[0] for steps, _ in data.values() if steps)
+    return [s for s in fam.monitor_steps if s >= first]
+
+
+def _layout(fam: _Families, table: Table) -> _Layout:
+    lo, hi = math.inf, -math.inf
+    for steps, _ in table.values():
+        if steps:
+            lo, hi = min(lo, steps[0]), max(hi, steps[-1])
+    for stat, *_ in _HEATMAPS:
+        if fam.per_param.get(stat):
+            lo = min(lo, _cell_edges(_heatmap_columns(stat, fam), fam.monitor_steps)[0])
+    if not math.isfinite(lo):
+        lo, hi = 0.0, 1.0
+    elif hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    names = list(dict.fromkeys([*fam.layers, *fam.embedding_names]))
+    labels = dict(zip(names, _short_labels(names)))
+    longest = max((len(labels[n]) for n in fam.layers), default=0)
+    # 8 pt DejaVu Sans averages under 0.067 in per character; 0.25 in of tick padding
+    left = min(max(_LEFT, (0.25 + 0.067 * longest) / _WIDTH), _MAX_LEFT)
+    keys = ([("tensor", n) for n in fam.embedding_names] + [("group", g) for g in dict.fromkeys(
+        [*fam.group_norms, *fam.lrs])] + [("loss", k) for k in fam.losses])
+    colors = {key: _PALETTE[i % len(_PALETTE)] for i, key in enumerate(keys)}
+    return _Layout((lo, hi), left, labels, colors)
+
+
+def _new_figure(layout: _Layout, height: float, bottom_in: float = 0.55,
+                top_in: float = 0.4) -> tuple[Any, list[float]]:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(_WIDTH, height), dpi=_DPI)
     b, t = bottom_in / height, 1 - top_in / height
-    return fig, [_LEFT, b, _RIGHT - _LEFT, t - b]
+    return fig, [layout.left, b, _RIGHT - layout.left, t - b]
 
 
 def _png(fig: Any) -> bytes:
@@ -354,23 +493,17 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def _cell_edges(steps: list[float]) -> list[float]:
-    if len(steps) == 1:
-        return [steps[0] - 0.5, steps[0] + 0.5]
-    mids = [(a + b) / 2 for a, b in zip(steps, steps[1:])]
-    return [steps[0] - (mids[0] - steps[0])] + mids + [steps[-1] + (steps[-1] - mids[-1])]
-
-
-def _heatmap(stat: str, data: Mapping[str, Series], layers: list[str], *, log: bool, cmap: str,
-             xlim: tuple[float, float], vrange: tuple[float, float] | None = None) -> bytes:
+def _heatmap(stat: str, fam: _Families, layout: _Layout, *, log: bool, cmap: str,
+             vrange: tuple[float, float] | None = None) -> Any:
     import numpy as np
     from matplotlib import colormaps
     from matplotlib.colors import LogNorm, Normalize
 
-    names = [n for n in layers if n in data]
-    steps = sorted(set().union(*(data[n][0] for n in names)))
-    col = {s: i for i, s in enumerate(steps)}
-    grid = np.full((len(names), len(steps)), np.nan)
+    data = fam.per_param[stat]
+    names = [n for n in fam.layers if n in data]
+    columns = _heatmap_columns(stat, fam)
+    col = {s: i for i, s in enumerate(columns)}
+    grid = np.full((len(names), len(columns)), np.nan)
     for r, name in enumerate(names):
         s, v = data[name]
         grid[r, [col[x] for x in s]] = v
@@ -393,23 +526,26 @@ def _heatmap(stat: str, data: Mapping[str, Series], layers: list[str], *, log: b
             lo, hi = lo - 0.5, hi + 0.5
         norm = Normalize(lo, hi)
     n = len(names)
-    fig, rect = _new_figure(min(max(0.15 * n + 1.0, 2.4), 18.0))
+    fig, rect = _new_figure(layout, min(max(0.15 * n + 1.0, 3.0), 18.0))
     ax = fig.add_axes(rect)
-    mesh = ax.pcolormesh(_cell_edges(steps), np.arange(n + 1), np.ma.masked_invalid(grid),
-                         cmap=colormaps[cmap].with_extremes(bad=_BAD), norm=norm, shading="flat")
+    # uncovered parts of the axes are unlogged too: the same color as a missing cell
+    ax.set_facecolor(_NOT_LOGGED[1])
+    edges = _cell_edges(columns, fam.monitor_steps)
+    mesh = ax.pcolormesh(edges, np.arange(n + 1), np.ma.masked_invalid(grid),
+                         cmap=colormaps[cmap].with_extremes(bad=_NOT_LOGGED[1]), norm=norm, shading="flat")
     ax.set_ylim(n, 0)
     every = max(1, math.ceil(n / 90))
     ticks = list(range(0, n, every))
-    labels = _abbreviate(names)
-    ax.set_yticks([t + 0.5 for t in ticks], [labels[t] for t in ticks], fontsize=7 if n > 12 else 8)
+    ax.set_yticks([t + 0.5 for t in ticks], [layout.labels[names[t]] for t in ticks],
+                  fontsize=7 if n > 12 else 8)
     ax.tick_params(axis="y", length=0)
-    ax.set_xlim(*xlim)
-    ax.set_xlabel("step")
-    ax.set_title(f"optim/{stat}/<parameter>  ({n} tensors, {len(steps)} logged steps, {scale} color scale)",
+    ax.set_xlim(*layout.xlim)
+    ax.set_xlabel("step  (a cell spans from the previous log step s' to its log step s)")
+    ax.set_title(f"optim/{stat}/<parameter>  ({n} tensors, {len(columns)} log steps, {scale} color scale)",
                  fontsize=10, loc="left")
     cax = fig.add_axes([_RIGHT + 0.015, rect[1], 0.012, rect[3]])
-    fig.colorbar(mesh, cax=cax).set_label(stat, fontsize=8)
-    return _png(fig)
+    fig.colorbar(mesh, cax=cax).set_label(_COLORBAR.get(stat, stat), fontsize=8)
+    return fig
 
 
 def _legend(ax: Any, handles: list[Any] | None = None) -> None:
@@ -434,27 +570,31 @@ def _marker(steps: list[float]) -> dict[str, Any]:
     return {"marker": "o", "markersize": 3} if len(steps) <= 60 else {}
 
 
-def _embedding_figure(fam: _Families, xlim: tuple[float, float]) -> bytes:
-    fig, rect = _new_figure(4.6, bottom_in=0.55, top_in=0.35)
+def _embedding_figure(fam: _Families, layout: _Layout) -> Any:
+    fig, rect = _new_figure(layout, 4.6, bottom_in=0.55, top_in=0.35)
     gap = 0.5 / 4.6
     h = (rect[3] - gap) / 2
+    names = fam.embedding_names  # the same order, labels and colors in both panels
     for i, (stat, what) in enumerate((("mean_ratio", "||mean row|| / mean ||row||"),
                                       ("isotropy", "higher = more isotropic"))):
         ax = fig.add_axes([rect[0], rect[1] + (1 - i) * (h + gap), rect[2], h])
         data = fam.embedding.get(stat, {})
         if data:
-            for (steps, values), label in zip(data.values(), _abbreviate(list(data))):
-                ax.plot(steps, values, label=label, linewidth=1.2, **_marker(steps))
+            for name in names:
+                if name in data:
+                    steps, values = data[name]
+                    ax.plot(steps, values, label=layout.labels[name], linewidth=1.2,
+                            color=layout.colors[("tensor", name)], **_marker(steps))
             _legend(ax)
         else:
             ax.text(0.5, 0.5, f"embedding/{stat}/<name> not logged in this run", ha="center", va="center",
                     transform=ax.transAxes, color="0.4")
-        ax.set_xlim(*xlim)
+        ax.set_xlim(*layout.xlim)
         ax.set_title(f"embedding/{stat}  ({what})", fontsize=10, loc="left")
         ax.grid(alpha=0.3)
         if i == 1:
             ax.set_xlabel("step")
-    return _png(fig)
+    return fig
 
 
 def _increases(series: Series | None) -> list[float]:
@@ -469,19 +609,17 @@ def _increases(series: Series | None) -> list[float]:
     return out
 
 
-def _grad_norm_figure(fam: _Families, table: Table, xlim: tuple[float, float]) -> bytes:
+def _grad_norm_figure(fam: _Families, table: Table, layout: _Layout) -> Any:
     from matplotlib.lines import Line2D
 
-    fig, rect = _new_figure(3.6)
+    fig, rect = _new_figure(layout, 3.6)
     ax = fig.add_axes(rect)
     total = table.get("optim/grad_norm_total")
     if total is not None:
         ax.plot(*total, color="black", linewidth=1.3, label="total (before clipping)", **_marker(total[0]))
-    names = dict.fromkeys([*fam.group_norms, *fam.lrs])
-    colors = {g: _GROUP_COLORS[i % len(_GROUP_COLORS)] for i, g in enumerate(names)}
     groups = fam.group_norms
     for g, series in groups.items():
-        ax.plot(*series, linewidth=0.9, alpha=0.8, color=colors[g], label=f"grad norm {g}",
+        ax.plot(*series, linewidth=0.9, alpha=0.8, color=layout.colors[("group", g)], label=f"grad norm {g}",
                 **_marker(series[0]))
     _maybe_log(ax, ([total] if total else []) + list(groups.values()), ratio=10.0)
     handles, _ = ax.get_legend_handles_labels()
@@ -516,33 +654,34 @@ def _grad_norm_figure(fam: _Families, table: Table, xlim: tuple[float, float]) -
     if fam.lrs:
         ax2 = ax.twinx()
         for g, series in fam.lrs.items():
-            (line,) = ax2.plot(*series, linestyle="--", linewidth=1.0, color=colors[g], label=f"lr {g}")
+            (line,) = ax2.plot(*series, linestyle="--", linewidth=1.0, color=layout.colors[("group", g)],
+                               label=f"lr {g}")
             handles.append(line)
         ax2.set_ylabel("learning rate", fontsize=8)
         ax2.tick_params(labelsize=7)
         ax2.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-    ax.set_xlim(*xlim)
+    ax.set_xlim(*layout.xlim)
     ax.set_xlabel("step")
     ax.set_ylabel("gradient norm", fontsize=8)
     ax.grid(alpha=0.3)
     ax.set_title(f"optim/grad_norm_total  (log points: {note})", fontsize=10, loc="left")
     _legend(ax, handles)
-    return _png(fig)
+    return fig
 
 
-def _loss_figure(fam: _Families, xlim: tuple[float, float]) -> bytes:
-    fig, rect = _new_figure(3.4)
+def _loss_figure(fam: _Families, layout: _Layout) -> Any:
+    fig, rect = _new_figure(layout, 3.4)
     ax = fig.add_axes(rect)
     for key, (steps, values) in fam.losses.items():
-        ax.plot(steps, values, label=key, linewidth=1.1, **_marker(steps))
+        ax.plot(steps, values, label=key, linewidth=1.1, color=layout.colors[("loss", key)], **_marker(steps))
     _maybe_log(ax, fam.losses.values())
-    ax.set_xlim(*xlim)
+    ax.set_xlim(*layout.xlim)
     ax.set_xlabel("step")
     ax.set_ylabel("loss", fontsize=8)
     ax.grid(alpha=0.3)
     ax.set_title("loss", fontsize=10, loc="left")
     _legend(ax)
-    return _png(fig)
+    return fig
 
 
 @dataclass
@@ -551,17 +690,16 @@ class _Section:
     title: str
     keys: str  # what would have to be logged
     how_to_read: str
-    draw: Callable[[], bytes] | None  # None: not logged
+    draw: Callable[[], Any] | None  # returns the matplotlib Figure; None: not logged
 
 
 _READ = {
     "v_drift": (
-        "Each row is one parameter tensor (model order, first at the top), each column a logged step; the "
-        "color is how much that tensor's second-moment estimate v moved since the previous log (log scale)."
-        " A calm run shows a quiet band. A bright vertical stripe, v jumping in many layers at once, tends "
-        "to come some steps <em>before</em> a loss spike: v lags a sudden rise of the gradients, so the "
-        "updates were already too large when it catches up. A single bright row points at one unstable "
-        "layer (often the embedding or the last layers). Gray: not logged at that step."
+        "Each cell is how much that tensor's second-moment estimate v moved from the previous log step to "
+        "this one (log scale). A calm run shows a quiet band. A bright vertical stripe, v jumping in many "
+        "layers at once, tends to come some steps <em>before</em> a loss spike: v lags a sudden rise of the "
+        "gradients, so the updates were already too large when it catches up. A single bright row points at "
+        "one unstable layer (often the embedding or the last layers)."
     ),
     "sqrt_v_mean": (
         "Mean of sqrt(v&#770;) per tensor: the typical Adam denominator, i.e. the recent gradient scale "
@@ -594,7 +732,8 @@ _READ = {
         "together in one direction (anisotropy): with plain Adam the per-row second moment lets rare-token "
         "rows take large steps along the common gradient direction. Coupled Adam shares the second moment "
         "over the vocabulary and should keep it low. Bottom: isotropy (higher = the rows use their "
-        "dimensions more evenly), which falls as the same degeneration sets in."
+        "dimensions more evenly), which falls as the same degeneration sets in. Each tensor has one color "
+        "in both panels."
     ),
     "grad_norm": (
         "Global gradient norm before clipping (black) and per parameter group (thin lines). Orange ticks at"
@@ -602,13 +741,24 @@ _READ = {
         "dotted lines: log points at which the non-finite guard had skipped a step. Clipping at nearly "
         "every step means the threshold is below the typical norm (it acts as a learning-rate cut); "
         "isolated clips at spikes are what clipping is for. Any skipped step means a NaN/inf gradient: look"
-        " at the drift heatmap just before it. Dashed, right axis: learning rate per group."
+        " at the drift heatmap just before it. Dashed, right axis: learning rate per group, in its group's "
+        "color."
     ),
     "loss": (
         "Training and validation loss. All figures share this step axis: compare a loss spike here with the"
         " stripes of the drift heatmap above it, and with the clip events of the gradient-norm figure."
     ),
 }
+
+
+def _heatmap_caption(stat: str, order: str) -> str:
+    """The caption of a heatmap: what its statistic says, then how rows, cells and colors read."""
+    cells = ("over which the drift is measured" if stat == "v_drift"
+             else "its color is the value logged at the cell's right edge")
+    return (f"{_READ[stat]} Rows: one per parameter tensor, {_ORDER_TEXT[order]}. Columns: each cell spans "
+            f"from the previous log step to its own, {cells}; the axis ends at the run's last logged step. "
+            f"{_NOT_LOGGED[0].capitalize()} ({_NOT_LOGGED[1]}): not logged at that step.")
+
 
 _HEATMAPS = (
     ("v_drift", "Second-moment drift per layer", True, "viridis", None),
@@ -619,44 +769,33 @@ _HEATMAPS = (
 )
 
 
-def _sections(fam: _Families, table: Table, xlim: tuple[float, float]) -> list[_Section]:
+def _sections(fam: _Families, table: Table, layout: _Layout) -> list[_Section]:
     out = []
     for stat, title, log, cmap, vrange in _HEATMAPS:
-        data = fam.per_param.get(stat)
         draw = None
-        if data:
-            def draw(stat=stat, data=data, log=log, cmap=cmap, vrange=vrange) -> bytes:
-                return _heatmap(stat, data, fam.layers, log=log, cmap=cmap, xlim=xlim, vrange=vrange)
-        out.append(_Section(stat, title, f"optim/{stat}/&lt;parameter&gt;", _READ[stat], draw))
+        if fam.per_param.get(stat):
+            def draw(stat=stat, log=log, cmap=cmap, vrange=vrange) -> Any:
+                return _heatmap(stat, fam, layout, log=log, cmap=cmap, vrange=vrange)
+        out.append(_Section(stat, title, f"optim/{stat}/&lt;parameter&gt;", _heatmap_caption(stat, fam.order),
+                            draw))
     has_emb = bool(fam.embedding.get("mean_ratio") or fam.embedding.get("isotropy"))
     out.append(_Section("embedding", "Embedding anisotropy", "embedding/mean_ratio/&lt;name&gt;, "
                         "embedding/isotropy/&lt;name&gt;", _READ["embedding"],
-                        (lambda: _embedding_figure(fam, xlim)) if has_emb else None))
+                        (lambda: _embedding_figure(fam, layout)) if has_emb else None))
     has_gn = "optim/grad_norm_total" in table or bool(fam.group_norms)
     out.append(_Section("grad_norm", "Gradient norm, clipping and skipped steps", "optim/grad_norm_total",
                         _READ["grad_norm"],
-                        (lambda: _grad_norm_figure(fam, table, xlim)) if has_gn else None))
+                        (lambda: _grad_norm_figure(fam, table, layout)) if has_gn else None))
     out.append(_Section("loss", "Loss", "train/loss, val/loss", _READ["loss"],
-                        (lambda: _loss_figure(fam, xlim)) if fam.losses else None))
+                        (lambda: _loss_figure(fam, layout)) if fam.losses else None))
     return out
 
 
-def _step_range(fam: _Families, table: Table) -> tuple[float, float]:
-    lo, hi = math.inf, -math.inf
-    for steps, _ in table.values():
-        if steps:
-            lo, hi = min(lo, steps[0]), max(hi, steps[-1])
-    for stat, *_ in _HEATMAPS:  # heatmap cells reach half a cell past their first/last step
-        data = fam.per_param.get(stat)
-        if data:
-            edges = _cell_edges(sorted(set().union(*(s for s, _ in data.values()))))
-            lo, hi = min(lo, edges[0]), max(hi, edges[-1])
-    if not math.isfinite(lo):
-        return (0.0, 1.0)
-    if hi <= lo:
-        return (lo - 0.5, hi + 0.5)
-    pad = 0.01 * (hi - lo)
-    return (lo - pad, hi + pad)
+def _page(kind: str, table: Table) -> tuple[_Families, _Layout, list[_Section]]:
+    """The families, shared layout and sections (each with its figure-drawing function) of a page."""
+    fam = _classify(table, keep_order=(kind == "csv"))
+    layout = _layout(fam, table)
+    return fam, layout, _sections(fam, table, layout)
 
 
 # --------------------------------------------------------------------------------------
@@ -742,9 +881,7 @@ def render(run_dir: str | Path, out_html: str | Path | None = None, *, source: s
     Files are replaced atomically. Raises :class:`NoMetricsError` when there are no metrics.
     """
     kind, path, table = _load(run_dir, source)
-    fam = _classify(table, keep_order=(kind == "csv"))
-    xlim = _step_range(fam, table)
-    sections = _sections(fam, table, xlim)
+    fam, _, sections = _page(kind, table)
 
     root = Path(run_dir)
     if out_html is None:
@@ -763,7 +900,7 @@ def render(run_dir: str | Path, out_html: str | Path | None = None, *, source: s
             body.append(f"<p class='missing'>not logged in this run: {sec.keys}</p>")
             png_path.unlink(missing_ok=True)
             continue
-        png = sec.draw()
+        png = _png(sec.draw())
         _write_bytes(png_path, png)
         body.append(f"<p class='read'>{sec.how_to_read}</p>")
         uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
@@ -804,10 +941,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", choices=("auto", "csv", "wandb"), default="auto",
                         help="which metrics to read when the run has both (default: metrics.csv first)")
     args = parser.parse_args(argv)
-    try:
-        out = render(args.run_dir, args.output, source=args.source)
-    except (OSError, ValueError) as exc:
-        print("error: " + " ".join(str(exc).splitlines()), file=sys.stderr)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MetricsFileWarning)
+        try:
+            out = render(args.run_dir, args.output, source=args.source)
+        except (OSError, ValueError) as exc:
+            out = None
+            error = "error: " + " ".join(str(exc).splitlines())
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    if out is None:
+        print(error, file=sys.stderr)
         return 2
     print(out)
     return 0

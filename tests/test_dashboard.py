@@ -186,18 +186,175 @@ def test_layer_order_natural_sort_across_ten():
     assert dashboard._classify(unsorted, keep_order=False).layers == ["a.w", "m.w", "z.w"]
 
 
-def test_abbreviate_long_names():
-    names = ["model.transformer.blocks.11.attention.self_attn.query_key_value.weight",
-             "model.transformer.wte.weight", "model.head.weight"]
-    short = dashboard._abbreviate(names, width=36)
-    assert all(len(s) <= 36 for s in short)
-    # the shared "model." dropped; middle parts elided, block index and the last two kept
-    assert short == ["\u2026blocks.11\u2026query_key_value.weight", "transformer.wte.weight", "head.weight"]
-    short = dashboard._abbreviate(["model.blocks.3.attention.dense.weight"], width=30)
-    assert short == ["model.blocks.3\u2026dense.weight"]
-    assert dashboard._abbreviate(["a.b", "a.c"]) == ["b", "c"]
-    assert dashboard._abbreviate(["only.one.name"]) == ["only.one.name"]
-    assert len(dashboard._abbreviate(["x" * 80])[0]) == 36
+@pytest.mark.parametrize("names, labels", [
+    (["a.b", "a.c"], ["a.b", "a.c"]),  # two parts at least
+    (["model.transformer.wte.weight", "model.head.weight"], ["wte.weight", "head.weight"]),
+    (["h.0.attn.w", "h.1.attn.w"], ["h.0.attn.w", "h.1.attn.w"]),  # an index takes its container's name
+    (["x.a.weight", "a.weight"], ["x.a.weight", "a.weight"]),  # a name that is another's suffix stays whole
+    (["only.one.name"], ["one.name"]),
+    (["scale"], ["scale"]),
+    (["enc.layers.0.linear1.bias", "dec.layers.0.linear1.bias", "dec.layers.1.linear1.bias"],
+     ["enc.layers.0.linear1.bias", "dec.layers.0.linear1.bias", "layers.1.linear1.bias"]),
+])
+def test_short_labels_table(names, labels):
+    assert dashboard._short_labels(names) == labels
+
+
+def test_short_labels_of_lightning_demo_transformer():
+    demos = pytest.importorskip("lightning.pytorch.demos")
+    names = [n for n, _ in demos.Transformer(vocab_size=33).named_parameters()]
+    labels = dashboard._short_labels(names)
+    assert len(set(labels)) == len(names) == 67
+    for name, label in zip(names, labels):
+        parts, short = name.split("."), label.split(".")
+        assert parts[-len(short):] == short, (name, label)  # a suffix of whole dotted parts
+        others = [n.split(".") for n in names if n != name]
+        assert not any(o[-len(short):] == short for o in others), label  # names one tensor only
+        if len(short) > 2 and not parts[-len(short) + 1].isdigit():
+            shorter = short[1:]  # one part less would be ambiguous
+            assert any(o[-len(shorter):] == shorter for o in others), label
+    got = dict(zip(names, labels))
+    # the old cut drew both of these as "transformer...layers.0.linear1.bias"
+    assert got["transformer.encoder.layers.0.linear1.bias"] == "encoder.layers.0.linear1.bias"
+    assert got["transformer.decoder.layers.0.linear1.bias"] == "decoder.layers.0.linear1.bias"
+    assert got["transformer.encoder.norm.weight"] == "encoder.norm.weight"
+    assert got["embedding.weight"] == "embedding.weight" and got["decoder.weight"] == "decoder.weight"
+    # the heatmap of a run of this model shows exactly these labels, each once
+    table = {f"optim/v_drift/{n}": ([10, 20], [1e-3, 2e-3]) for n in names}
+    fam, layout, sections = dashboard._page("csv", table)
+    fig = sections[0].draw()
+    shown = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert sorted(shown) == sorted(labels)
+    # the left margin widens to the longest label, the same for every figure of the page
+    longest = max(map(len, labels))
+    assert layout.left == pytest.approx((0.25 + 0.067 * longest) / dashboard._WIDTH)
+    assert fig.axes[0].get_position().x0 == pytest.approx(layout.left)
+
+
+def monitor_table(monitor_steps, loss_steps, *, names=("blocks.0.w", "blocks.1.w")):
+    """A run's table as the reader returns it: per-parameter stats at the monitor's steps (no
+    v_drift at the first, as MomentMonitor logs it), train/loss at its own steps."""
+    table = {"train/loss": (list(loss_steps), [1.0 / (1 + s) for s in loss_steps])}
+    for i, name in enumerate(names):
+        table[f"optim/sqrt_v_mean/{name}"] = (list(monitor_steps), [1e-3 * (i + 1)] * len(monitor_steps))
+        table[f"optim/v_drift/{name}"] = (list(monitor_steps[1:]), [0.1 * (i + 1)] * (len(monitor_steps) - 1))
+    return table
+
+
+def heatmap(table, stat):
+    fam, layout, sections = dashboard._page("csv", table)
+    fig = next(s for s in sections if s.name == stat).draw()
+    return fig, fig.axes[0], fig.axes[0].collections[0], layout
+
+
+@pytest.mark.parametrize("monitor, loss", [
+    ([10, 20, 30, 40, 50, 60], range(9, 60, 10)),  # monitor one step after Lightning's loss rows
+    ([10, 20, 30, 40, 50, 60], range(10, 61, 10)),  # both at the same optimizer steps
+    ([10, 20, 35, 60], range(1, 61)),  # irregular log steps (e.g. a resume with another cadence)
+])
+def test_heatmap_cells_span_the_interval_they_measure(monitor, loss):
+    table = monitor_table(monitor, loss)
+    fig, ax, mesh, layout = heatmap(table, "v_drift")
+    xs = mesh.get_coordinates()[0, :, 0]
+    # v_drift at step s measures the change since the previous log step: cell [prev, s]
+    assert list(xs) == monitor
+    last = max(monitor[-1], max(loss))
+    first = min(monitor[0] - min(b - a for a, b in zip(monitor, monitor[1:])), min(loss))
+    assert ax.get_xlim() == (max(first, 0), last)  # the axis stops at the last logged step
+    # the other statistics: the cell ends at its log step too; the first one takes the shortest interval
+    fig, ax, mesh, _ = heatmap(table, "sqrt_v_mean")
+    gap = min(b - a for a, b in zip(monitor, monitor[1:]))
+    assert list(mesh.get_coordinates()[0, :, 0]) == [monitor[0] - gap, *monitor]
+    assert ax.get_xlim() == layout.xlim
+    # every figure of the page shares the axis
+    fam, layout, sections = dashboard._page("csv", table)
+    for sec in sections:
+        if sec.draw is not None:
+            assert sec.draw().axes[0].get_xlim() == layout.xlim, sec.name
+
+
+def test_heatmap_not_logged_color_and_colorbar_label():
+    from matplotlib.colors import to_rgba
+
+    table = monitor_table([10, 20, 30], range(10, 31, 10))
+    steps, values = table["optim/v_drift/blocks.1.w"]
+    table["optim/v_drift/blocks.1.w"] = ([20], [values[0]])  # not logged at 30
+    fig, ax, mesh, _ = heatmap(table, "v_drift")
+    dashboard._png(fig)  # draws, which maps the values to colors
+    name, hexa = dashboard._NOT_LOGGED
+    gray = to_rgba(name)
+    assert gray == to_rgba(hexa) == to_rgba("#808080")
+    assert tuple(mesh.cmap.get_bad()) == gray and ax.get_facecolor() == gray
+    colors = mesh.get_facecolors().reshape(2, 2, 4)  # rows blocks.0, blocks.1; columns 20, 30
+    assert tuple(colors[1, 1]) == gray
+    assert all(tuple(c) != gray for c in (colors[0, 0], colors[0, 1], colors[1, 0]))
+    # the caption names that color
+    caption = next(s for s in dashboard._page("csv", table)[2] if s.name == "v_drift").how_to_read
+    assert f"{name.capitalize()} ({hexa}): not logged at that step." in caption
+    # the color bar gives the definition of lightning_optim.stats: ||v_s - v_s'|| / ||v_s'||
+    label = fig.axes[1].get_ylabel()
+    assert label == r"v_drift $= \Vert\hat{v}_s - \hat{v}_{s'}\Vert\ /\ \Vert\hat{v}_{s'}\Vert$"
+    for stat in HEATMAP_STATS:  # every color bar carries its statistic's name and a formula
+        assert dashboard._COLORBAR[stat].startswith(stat) and "$" in dashboard._COLORBAR[stat]
+
+
+def test_one_color_per_tensor_across_figures():
+    from matplotlib.colors import to_rgba
+
+    table = monitor_table([10, 20, 30], range(10, 31, 10), names=("wte.weight", "wpe.weight", "h.0.w"))
+    # the two panels' series arrive in opposite orders
+    table["embedding/mean_ratio/wpe.weight"] = ([10, 20], [0.1, 0.2])
+    table["embedding/mean_ratio/wte.weight"] = ([10, 20], [0.3, 0.4])
+    table["embedding/isotropy/wte.weight"] = ([10, 20], [0.9, 0.8])
+    table["embedding/isotropy/wpe.weight"] = ([10, 20], [0.7, 0.6])
+    for g in ("decay", "no_decay"):
+        table[f"optim/lr/{g}"] = ([10, 20], [1e-3, 1e-3])
+        table[f"optim/grad_norm/{g}"] = ([10, 20], [1.0, 2.0])
+    table["optim/grad_norm_total"] = ([10, 20], [1.0, 2.0])
+    fam, layout, sections = dashboard._page("csv", table)
+    figs = {s.name: s.draw() for s in sections if s.draw is not None}
+
+    def lines(fig):
+        out = {}
+        for ax in fig.axes:
+            for line in ax.get_lines():
+                out.setdefault(line.get_label(), set()).add(to_rgba(line.get_color()))
+        return out
+
+    emb = figs["embedding"]
+    top, bottom = emb.axes
+    # both legends in row order (the logged order here), not in each panel's arrival order
+    assert fam.layers[:2] == ["wte.weight", "wpe.weight"]
+    assert [t.get_text() for t in top.get_legend().get_texts()] == \
+           [t.get_text() for t in bottom.get_legend().get_texts()] == ["wte.weight", "wpe.weight"]
+    by_label = lines(emb)
+    assert all(len(c) == 1 for c in by_label.values())  # the same color in both panels
+    assert by_label["wpe.weight"] != by_label["wte.weight"]
+    gn = lines(figs["grad_norm"])
+    for g in ("decay", "no_decay"):  # a group's grad norm and lr: one color
+        assert gn[f"grad norm {g}"] == gn[f"lr {g}"]
+    # no two things share a color across the page
+    all_colors = [c for key, c in layout.colors.items()]
+    assert len(set(all_colors)) == len(all_colors)
+    assert gn["grad norm decay"] != by_label["wpe.weight"]
+    assert lines(figs["loss"])["train/loss"] == {to_rgba(layout.colors[("loss", "train/loss")])}
+
+
+@pytest.mark.parametrize("logged, order, expected", [
+    # Lightning's CSVLogger sorts its columns: embeddings first, then numeric-aware
+    (["h.10.w", "h.2.w", "wte.weight"], "sorted", ["wte.weight", "h.2.w", "h.10.w"]),
+    # a source that keeps the model's order
+    (["wte.weight", "h.2.w", "h.10.w", "head.w"], "logged", ["wte.weight", "h.2.w", "h.10.w", "head.w"]),
+])
+def test_rows_in_the_order_the_page_states(logged, order, expected):
+    table = {f"optim/sqrt_v_mean/{n}": ([10], [1.0]) for n in logged}
+    table["embedding/mean_ratio/wte.weight"] = ([10], [0.1])
+    fam, layout, sections = dashboard._page("csv", table)
+    assert fam.order == order and fam.layers == expected
+    sec = sections[1]
+    assert sec.name == "sqrt_v_mean" and dashboard._ORDER_TEXT[order] in sec.how_to_read
+    shown = [t.get_text() for t in sec.draw().axes[0].get_yticklabels()]
+    assert shown == [layout.labels[n] for n in expected]  # top to bottom
 
 
 def test_missing_families_get_notes(tmp_path):
