@@ -33,12 +33,15 @@ VARIANTS = [(name, {}) for name in NAMES] + [
 
 
 class Net(nn.Module):
-    """An embedding (coupled for CoupledAdam), a biased Linear: three groups from param_groups."""
+    """A token embedding tied to an output head (the unembedding, coupled for CoupledAdam), a
+    biased Linear: three groups from param_groups (embedding, no_decay, decay)."""
 
     def __init__(self, vocab: int = 12, hidden: int = 6) -> None:
         super().__init__()
         self.emb = nn.Embedding(vocab, hidden)
         self.fc = nn.Linear(hidden, 3)
+        self.head = nn.Linear(hidden, vocab, bias=False)
+        self.head.weight = self.emb.weight
 
 
 def set_grads(model: nn.Module, step: int) -> None:

@@ -421,7 +421,26 @@ class Optimizer(torch.optim.Optimizer):
         super().zero_grad(set_to_none)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's loader, made strict about shapes and kind to low-precision state."""
+        """torch's loader, made strict about shapes and kind to low-precision state.
+
+        Round trip: after loading a state dict saved by this library (by an optimizer of the
+        same class and options), :meth:`state_dict` equals it exactly: the same keys, the same
+        values, tensors of the same dtype and values. A state dict saved by ``torch.optim``
+        comes back with every key and value it had, plus what it lacks and this library adds:
+        options torch has no counterpart for, filled from this optimizer's defaults (e.g.
+        ``bias_correction``, ``master_weights``), ``param_names`` from this optimizer's groups
+        when the dict has none, and ``step`` for torch.optim.SGD's buffers (torch keeps none).
+        Numbers are validated to floats of the same value (torch keeps ``weight_decay=0`` as an
+        int, it comes back as ``0.0``) and a list ``betas`` as a tuple.
+
+        What this optimizer decides rather than the dict (so it can differ after a load from a
+        dict saved with other settings): ``master_weights`` and the masters that follow it
+        (see below); a tensor ``lr`` stays this optimizer's tensor, the saved value copied into
+        it; state of bf16/fp16 params is fp32 (torch keeps it in the param's dtype; the values
+        are the same); ``step``/``mu_product`` are on this backend's device.
+
+        torch's loader puts ``differentiable=False`` into the defaults; it is taken out again
+        (see :meth:`__setstate__`), so it does not reach the groups."""
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
@@ -576,9 +595,61 @@ class Optimizer(torch.optim.Optimizer):
             self._warned.add(key)
             warnings.warn(message, LightningOptimWarning, stacklevel=3)
 
+    # ----- copy.deepcopy and pickle ------------------------------------------------------------
+    # Both go through __getstate__/__setstate__. Everything but these attributes travels:
+    # ``_run`` is a function of this process's backend modules (re-bound from the backend's
+    # name on the way in); torch's hook dicts (often closures) and profiler name are left
+    # out as torch's own __getstate__ leaves them out.
+    _NOT_PICKLED = frozenset({
+        "_run", "_zero_grad_profile_name",
+        "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+        "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
+        "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks",
+    })
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a copy or pickle holds: the params with their state and groups (a copy of a
+        ``(model, optimizer)`` pair keeps the mapping between them), the resolved ``backend``
+        by name, pending :meth:`scale_next_step` transforms and the warnings already given;
+        see :meth:`__setstate__`. Hooks are not copied, as in torch."""
+        return {k: v for k, v in self.__dict__.items() if k not in self._NOT_PICKLED}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore a copied or unpickled optimizer so that it steps exactly as the original
+        would, and (called by torch's ``load_state_dict`` with only ``state`` and
+        ``param_groups``) take loaded state.
+
+        A copy re-binds its backend's function from the backend's name, as the constructor
+        resolves it: an explicit ``"triton"`` is checked to be available here (else
+        ``ValueError``, as the constructor raises); a triton that ``backend="auto"`` chose is
+        trusted only after its self-check passes in this process (cached per process, so a
+        deep copy costs nothing), else the copy falls back to ``foreach`` with the
+        constructor's warning. An optimizer pickled before the backend was pickled resolves
+        ``"auto"``."""
+        defaults = state.get("defaults", self.__dict__.get("defaults", {}))
+        torch_adds_differentiable = "differentiable" not in defaults
         super().__setstate__(state)
+        if torch_adds_differentiable:
+            # torch's __setstate__ puts differentiable=False into the defaults for its own step
+            # decorator, which ours do not use; from there load_state_dict and add_param_group
+            # would copy it into every group, and a saved -> loaded -> saved dict would differ.
+            self.defaults.pop("differentiable", None)
         self.__dict__.setdefault("_owner", type(self).__name__)
         self.__dict__.setdefault("_warned", set())
         self.__dict__.setdefault("_next_transforms", {})
-        self.__dict__.setdefault("_auto_triton", False)
+        self.__dict__.setdefault("_auto_triton", "backend" not in self.__dict__)
+        if "_run" not in self.__dict__:  # a copy or an unpickled optimizer, not a load
+            self._restore_backend()
+
+    def _restore_backend(self) -> None:
+        """Resolve the backend of a copy on its params (see :meth:`__setstate__`) and bind its
+        function; step counts go where that backend keeps them."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        requested = "auto" if self._auto_triton else self.__dict__.get("backend", "auto")
+        self.backend = backends.resolve(self._owner, requested, params)
+        self._auto_triton = requested == "auto" and self.backend == "triton"
+        self._run = backends.runner(self.backend)
+        if not self._device_steps:
+            for state in self.state.values():
+                self._scalars_to(state, torch.device("cpu"))
+        self._check_auto_triton(self.param_groups)
