@@ -189,6 +189,154 @@ def test_torch_sgd_without_step_loads_into_ours(backend):
     _assert_params_close(ours_model, torch_model)
 
 
+# ----- save -> load -> save is exact -------------------------------------------------------------
+
+
+def assert_same(a, b, where: str = "state_dict") -> None:
+    """Deep equality: the same keys, values of the same type and value, tensors of the same
+    dtype, shape and values."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys {sorted(a, key=str)} != {sorted(b, key=str)}"
+        for k in a:
+            assert_same(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), f"{where}: {a!r} != {b!r}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), f"{where}: a tensor became {b!r}"
+        assert (a.dtype, a.shape) == (b.dtype, b.shape) and torch.equal(a, b), f"{where}: {a} != {b}"
+    else:
+        assert type(a) is type(b) and a == b, f"{where}: {a!r} != {b!r}"
+
+
+def assert_contains(saved: dict, after: dict) -> None:
+    """Every key of ``saved`` (a torch.optim state dict) is in ``after`` with an equal value
+    (numbers by value: torch keeps weight_decay=0 as an int), tensors of the same dtype."""
+    assert len(saved["param_groups"]) == len(after["param_groups"])
+    for i, (g, h) in enumerate(zip(saved["param_groups"], after["param_groups"])):
+        for k, v in g.items():
+            assert k in h, f"group {i} lost {k!r}"
+            assert h[k] == v and isinstance(h[k], type(v) if not isinstance(v, (int, float)) else (int, float)), (
+                f"group {i}[{k!r}]: {v!r} came back as {h[k]!r}")
+    assert saved["state"].keys() == after["state"].keys()
+    for pid, entry in saved["state"].items():
+        for k, v in entry.items():
+            assert k in after["state"][pid], f"state {pid} lost {k!r}"
+            w = after["state"][pid][k]
+            assert v.dtype == w.dtype and torch.equal(v, w), f"state {pid}[{k!r}]: {v} came back as {w}"
+
+
+# Every registry name on the triton backend too (under the interpreter, where its step counts
+# are device tensors on the CPU).
+ROUND_TRIP = [(n, kw, b) for n, kw in VARIANTS for b in BACKENDS] + [(n, {}, "triton") for n in NAMES]
+
+
+@pytest.mark.parametrize("into", ["fresh", "itself"])
+@pytest.mark.parametrize("name, kwargs, backend", ROUND_TRIP,
+                         ids=[f"{n}{kw or ''}-{b}" for n, kw, b in ROUND_TRIP])
+def test_save_load_save_is_exact(name, kwargs, backend, into, monkeypatch):
+    if backend == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    model = Net()
+    opt = create_optimizer(name, model, backend=backend, **kwargs)
+    train(model, opt, range(3))
+    saved = through_bytes(opt.state_dict())
+    kept = copy.deepcopy(saved)
+    target = opt if into == "itself" else create_optimizer(
+        name, copy.deepcopy(model), backend=backend, **{**kwargs, "lr": 0.123})
+    target.load_state_dict(saved)
+    assert_same(kept, saved, "the loaded dict")  # loading did not change the caller's dict
+    again = target.state_dict()
+    assert_same(saved, again)
+    assert_same(saved, through_bytes(again))
+    target.load_state_dict(again)  # and once more: a fixed point
+    assert_same(saved, target.state_dict())
+
+
+SPECIAL_ROUND_TRIP = {
+    "adamw+tensor_lr": ("adamw", {"lr": torch.tensor(3e-3)}, torch.float32),
+    "coupled_adam+tensor_lr": ("coupled_adam", {"lr": torch.tensor(3e-3, dtype=torch.float64)}, torch.float32),
+    "adamw+bf16_masters": ("adamw", {"master_weights": True}, torch.bfloat16),
+    "coupled_adam+amsgrad+bf16_masters": ("coupled_adam", {"master_weights": True, "amsgrad": True}, torch.bfloat16),
+    "nadam+bf16": ("nadam", {}, torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", list(SPECIAL_ROUND_TRIP))
+def test_save_load_save_is_exact_with_tensor_lr_and_masters(variant, backend):
+    """A tensor lr keeps its identity through the load (the saved value copied into it) and
+    comes back out equal; fp32 masters and fp32 state of bf16 params come back as saved."""
+    name, options, dtype = SPECIAL_ROUND_TRIP[variant]
+    lr = options.get("lr")
+    model = Net().to(dtype)
+    opt = create_optimizer(name, model, backend=backend, **{**options, **({"lr": lr.clone()} if lr is not None else {})})
+    train(model, opt, range(3))
+    if lr is not None:
+        opt.param_groups[0]["lr"].mul_(0.5)  # as a scheduler moves it
+    saved = through_bytes(opt.state_dict())
+    own_lr = None if lr is None else lr.clone()
+    fresh = create_optimizer(name, copy.deepcopy(model), backend=backend,
+                             **{**options, **({"lr": own_lr} if lr is not None else {})})
+    fresh.load_state_dict(saved)
+    again = through_bytes(fresh.state_dict())
+    assert_same(saved, again)
+    if lr is not None:
+        assert all(g["lr"] is own_lr for g in fresh.param_groups)
+        assert own_lr.item() == lr.item() * 0.5
+    if options.get("master_weights"):
+        assert any("master_param" in s for s in again["state"].values())
+
+
+# torch.optim classes whose state dicts load into ours, with options that make every state key.
+TORCH_DICTS = {
+    "Adam": (torch.optim.Adam, Adam, {"lr": 1e-2}),
+    "Adam-amsgrad-wd": (torch.optim.Adam, Adam, {"lr": 1e-2, "amsgrad": True, "weight_decay": 0.1}),
+    "AdamW": (torch.optim.AdamW, AdamW, {"lr": 1e-2, "weight_decay": 0.1}),
+    "SGD-momentum": (torch.optim.SGD, SGD, {"lr": 0.1, "momentum": 0.9, "dampening": 0.1}),
+    "SGD-nesterov": (torch.optim.SGD, SGD, {"lr": 0.1, "momentum": 0.9, "nesterov": True}),
+    "Adagrad": (torch.optim.Adagrad, lo.Adagrad, {"lr": 0.1, "lr_decay": 0.01, "initial_accumulator_value": 0.1}),
+    "RMSprop": (torch.optim.RMSprop, lo.RMSprop, {"lr": 1e-2, "momentum": 0.9, "centered": True}),
+    "NAdam": (torch.optim.NAdam, lo.NAdam, {"lr": 1e-2, "weight_decay": 0.1}),
+    "RAdam": (torch.optim.RAdam, lo.RAdam, {"lr": 1e-2, "decoupled_weight_decay": True, "weight_decay": 0.1}),
+}
+
+
+def two_groups(model: Net, lr: float) -> list[dict]:
+    return [{"params": [model.emb.weight, model.fc.weight]}, {"params": [model.fc.bias], "lr": lr / 2}]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(TORCH_DICTS))
+def test_torch_state_dict_keeps_every_key_through_ours(case, backend):
+    """Loaded into ours, a torch.optim state dict comes back out with every key and value it
+    had; what ours adds is only its own options, and ``step`` where torch keeps none. That dict
+    loads back into torch, which then steps exactly as the torch optimizer it came from."""
+    torch_cls, ours_cls, kwargs = TORCH_DICTS[case]
+    model = Net()
+    theirs = torch_cls(two_groups(model, kwargs["lr"]), **kwargs)
+    train(model, theirs, range(3))
+    saved = through_bytes(theirs.state_dict())
+    ours = ours_cls(two_groups(copy.deepcopy(model), 0.5), backend=backend, lr=0.5)
+    ours.load_state_dict(saved)
+    after = through_bytes(ours.state_dict())
+    assert_contains(saved, after)
+    for g, h in zip(saved["param_groups"], after["param_groups"]):
+        assert set(h) - set(g) <= set(ours.defaults), sorted(set(h) - set(g))
+    added = {k for pid in saved["state"] for k in set(after["state"][pid]) - set(saved["state"][pid])}
+    assert added == ({"step"} if torch_cls is torch.optim.SGD else set())
+
+    back_model = copy.deepcopy(model)
+    back = torch_cls(two_groups(back_model, 0.5), lr=0.5)
+    back.load_state_dict(after)
+    assert_contains(saved, back.state_dict())
+    train(model, theirs, range(3, 5))
+    train(back_model, back, range(3, 5))
+    for (n, a), b in zip(model.named_parameters(), back_model.parameters()):
+        assert torch.equal(a, b), n
+
+
 # ----- state dicts that do not fit ------------------------------------------------------------
 
 
