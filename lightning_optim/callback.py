@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import types
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -370,30 +371,46 @@ class MomentMonitor(Callback):
     gradients before clipping it runs its ``on_before_optimizer_step`` before any
     OptimizerCallback's (it moves itself ahead of them in ``trainer.callbacks``).
 
-    Args: the fields of :class:`lightning_optim.config.MonitorConfig` (the ``monitor`` node).
+    **Cadence and step axis.** It logs after the optimizer steps ``k = every_n_steps,
+    2*every_n_steps, ...`` (``k`` counts the steps Lightning has run, 1-based, skipped ones
+    included: ``trainer.global_step`` once the step is done), whatever the Trainer's
+    ``log_every_n_steps``: it writes to ``trainer.loggers`` itself, as Lightning's
+    ``LearningRateMonitor`` does, not through ``LightningModule.log``. The metrics of step ``k``
+    are logged at step ``k - 1``: the step value Lightning gives that batch's own metrics
+    (``self.log("train/loss", ...)`` in ``training_step``, ``LearningRateMonitor``), so a
+    monitor row and the loss of the batch that completed the same optimizer step share one
+    x value. With ``every_n_steps=10`` the rows are at steps 9, 19, 29, where
+    ``log_every_n_steps=10`` puts Lightning's. Under gradient accumulation an optimizer step
+    spans several batches; its statistics are taken on the last one, the one that steps, and
+    share its step value.
+
+    Args: the fields of :class:`lightning_optim.config.MonitorConfig` (the ``monitor`` node),
+    by the same names, so ``MomentMonitor(**node)`` builds it from the Hydra node or a plain
+    dict. ``enabled=False`` (the ``off`` node) gives a monitor that does nothing: no
+    statistics, no logging, no state.
     """
 
     def __init__(
         self,
         every_n_steps: int = 50,
         expensive_every_n_steps: int = 500,
-        stats: Any = None,
-        include: Any = ("*",),
-        exclude: Any = (),
+        stats: Sequence[str] | None = None,
+        include: Sequence[str] = ("*",),
+        exclude: Sequence[str] = (),
         update_ratio: bool = True,
         embeddings: bool = True,
         histograms: bool = True,
         drift_max_elements: int = 1 << 20,
+        enabled: bool = True,
     ) -> None:
         super().__init__()
         from .config import MonitorConfig
-        from .stats import STATS
 
         self.config = MonitorConfig(
             every_n_steps=every_n_steps, expensive_every_n_steps=expensive_every_n_steps,
-            stats=stats if stats is not None else list(STATS), include=include, exclude=exclude,
-            update_ratio=update_ratio, embeddings=embeddings, histograms=histograms,
-            drift_max_elements=drift_max_elements,
+            stats=stats, include=include, exclude=exclude, update_ratio=update_ratio,
+            embeddings=embeddings, histograms=histograms, drift_max_elements=drift_max_elements,
+            enabled=enabled,
         )
         self.stats: Any = None
         self._optimizer: torch.optim.Optimizer | None = None
@@ -408,7 +425,9 @@ class MomentMonitor(Callback):
         drift references (``v_drift``, ``v_log_ratio``) and the clip counts and step of the
         previous log (``clipped_fraction``)."""
         if self.stats is None and self._pending_state is not None:
-            return dict(self._pending_state)  # resumed, no log yet: pass the state on
+            return dict(self._pending_state)  # resumed, no log yet (or disabled): pass the state on
+        if not self.config.enabled:
+            return {}
         return {"stats": self.stats.state_dict() if self.stats is not None else None,
                 "last_clips": dict(self._last_clips), "last_step": self._last_step}
 
@@ -427,17 +446,17 @@ class MomentMonitor(Callback):
 
     @classmethod
     def from_config(cls, node: Any) -> MomentMonitor | None:
-        """A monitor from the ``monitor`` config node, or None when ``enabled`` is false."""
+        """The older spelling of ``MomentMonitor(**node)``, kept for code that uses it: the
+        same monitor, except that a node with ``enabled: false`` gives None."""
         from .config import monitor_config
 
         cfg = monitor_config(node)
-        if not cfg.enabled:
-            return None
-        fields = {k: v for k, v in vars(cfg).items() if k != "enabled"}
-        return cls(**fields)
+        return cls(**vars(cfg)) if cfg.enabled else None
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not self.config.enabled:
+            return
         callbacks = trainer.callbacks
         mine = callbacks.index(self)
         first = next((i for i, cb in enumerate(callbacks) if isinstance(cb, OptimizerCallback)), None)
@@ -460,7 +479,7 @@ class MomentMonitor(Callback):
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         step = trainer.global_step + 1  # the step about to be taken, 1-based
-        if step % self.config.every_n_steps:
+        if not self.config.enabled or step % self.config.every_n_steps:
             return
         unscale_for_fused_amp(trainer, optimizer)
         self._ensure_stats(optimizer)
@@ -488,9 +507,10 @@ class MomentMonitor(Callback):
         expensive = step % self.config.expensive_every_n_steps == 0
         if self.config.embeddings:
             metrics.update(self.stats.embedding_stats(self._embeddings(pl_module, optimizer), isotropy=expensive))
-        log_metrics(trainer, metrics, step)
+        at = _lightning_log_step(trainer)
+        log_metrics(trainer, metrics, at)
         if expensive and self.config.histograms:
-            log_histograms(trainer, {f"optim/log10_sqrt_v/{k}": v.clamp_min(1e-30).log10() for k, v in self.stats.sqrt_v().items()}, step)
+            log_histograms(trainer, {f"optim/log10_sqrt_v/{k}": v.clamp_min(1e-30).log10() for k, v in self.stats.sqrt_v().items()}, at)
 
     @staticmethod
     def _embeddings(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -506,3 +526,18 @@ class MomentMonitor(Callback):
                 if not any(mod.weight is t for t in found.values()):
                     found[f"{name}.weight" if name else "weight"] = mod.weight
         return found
+
+
+def _lightning_log_step(trainer: pl.Trainer) -> int:
+    """The step value Lightning's own logging gives the batch now ending.
+
+    ``LightningModule.log`` in ``training_step`` and Lightning's ``LearningRateMonitor`` log at
+    the fit loop's count of batches that stepped the optimizer, which it increments only after
+    ``on_train_batch_end`` and after writing the batch's metrics: for the batch that runs
+    optimizer step ``k`` (1-based) it is ``k - 1``, also across a resume (Lightning restores and
+    adjusts it). Reading that counter, as ``LearningRateMonitor`` does, puts the monitor's rows
+    on the same x value as the loss of the same batch; ``global_step - 1`` is the same number
+    where the counter is missing."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    counted = getattr(loop, "_batches_that_stepped", None)
+    return int(counted) if counted is not None else trainer.global_step - 1

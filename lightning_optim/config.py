@@ -218,22 +218,29 @@ class PartitionConfig:
 
 @dataclass
 class MonitorConfig:
-    """The ``monitor`` node: options of :class:`lightning_optim.MomentMonitor`."""
+    """The ``monitor`` node: the keyword arguments of :class:`lightning_optim.MomentMonitor`,
+    same names, same order, same defaults, so ``MomentMonitor(**node)`` builds it.
 
-    enabled: bool = True
+    ``stats=None`` means all of :data:`lightning_optim.stats.STATS`; it holds that list once
+    checked. ``enabled=False`` (the ``off`` node) makes a monitor that does nothing.
+    """
+
     every_n_steps: int = 50
     expensive_every_n_steps: int = 500
-    stats: list[str] = field(default_factory=lambda: list(STATS))
+    stats: Optional[list[str]] = None
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=list)
     update_ratio: bool = True
     embeddings: bool = True
     histograms: bool = True
     drift_max_elements: int = 1 << 20
+    enabled: bool = True
 
     def __post_init__(self) -> None:
         for name in ("enabled", "update_ratio", "embeddings", "histograms"):
             boolean("monitor", name, getattr(self, name))
+        if self.stats is None:
+            self.stats = list(STATS)
         for name in ("stats", "include", "exclude"):  # one string is one name, as MomentStats takes it
             value = getattr(self, name)
             if isinstance(value, str):

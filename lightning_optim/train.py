@@ -90,9 +90,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     callback = build_callback(cfg)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     logger = build_logger(OmegaConf.to_container(cfg.logger, resolve=True), str(out))
-    monitor = MomentMonitor.from_config(cfg.monitor)
+    monitor = MomentMonitor(**cfg.monitor)  # monitor=off: enabled=false, a monitor that does nothing
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True)
-    callbacks = [callback, ckpt] + ([monitor] if monitor is not None else [])
+    callbacks = [callback, ckpt, monitor]
     try:
         trainer = pl.Trainer(default_root_dir=str(out), logger=logger, callbacks=callbacks, **trainer_kwargs)
     except (TypeError, ValueError, MisconfigurationException) as err:
