@@ -191,6 +191,28 @@ def test_copy_keeps_a_pending_clip_transform(backend):
     assert not twin._next_transforms  # used up by the step, as in the original
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "deepcopy_pair"])
+def test_copy_of_an_optimizer_with_a_scheduler_steps_itself(how):
+    """An LR scheduler wraps ``opt.step`` on the instance, a closure that calls the original
+    optimizer's step (OptimizerCallback wraps it too). A copy that kept it would step the
+    original, not itself, and could not be pickled: it gets the class's step, as torch's do."""
+    model = Net()
+    opt = build("adamw", model, backend="foreach")
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    for step in range(2):
+        set_grads(params_of(opt), step)
+        opt.step()
+        sched.step()
+    assert "step" in vars(opt)  # torch's wrapper, on the instance
+    twin = copy_of(opt, model, how)
+    assert "step" not in vars(twin) and twin.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == 2.5e-4
+    before = [p.detach().clone() for p in params_of(opt)]
+    train(twin, range(2, 4))
+    assert all(torch.equal(p, q) for p, q in zip(before, params_of(opt)))  # the original did not move
+    train(opt, range(2, 4))
+    assert_identical(opt, twin)
+
+
 # ----- backend="auto" and an explicit triton in the copy ------------------------------------
 
 

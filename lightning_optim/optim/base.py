@@ -599,7 +599,10 @@ class Optimizer(torch.optim.Optimizer):
     # Both go through __getstate__/__setstate__. Everything but these attributes travels:
     # ``_run`` is a function of this process's backend modules (re-bound from the backend's
     # name on the way in); torch's hook dicts (often closures) and profiler name are left
-    # out as torch's own __getstate__ leaves them out.
+    # out as torch's own __getstate__ leaves them out. So is every other callable attribute:
+    # those are wrappers bound to this instance, such as the ``step`` an LR scheduler or
+    # OptimizerCallback puts on it, whose closure calls the original's step: a copy that kept
+    # one would step the original, not itself (torch's copies lose them too).
     _NOT_PICKLED = frozenset({
         "_run", "_zero_grad_profile_name",
         "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
@@ -611,8 +614,9 @@ class Optimizer(torch.optim.Optimizer):
         """What a copy or pickle holds: the params with their state and groups (a copy of a
         ``(model, optimizer)`` pair keeps the mapping between them), the resolved ``backend``
         by name, pending :meth:`scale_next_step` transforms and the warnings already given;
-        see :meth:`__setstate__`. Hooks are not copied, as in torch."""
-        return {k: v for k, v in self.__dict__.items() if k not in self._NOT_PICKLED}
+        see :meth:`__setstate__`. Hooks and methods wrapped on the instance (an LR scheduler's
+        ``step``) are not copied, as in torch: the copy has the class's ``step``."""
+        return {k: v for k, v in self.__dict__.items() if k not in self._NOT_PICKLED and not callable(v)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Restore a copied or unpickled optimizer so that it steps exactly as the original
