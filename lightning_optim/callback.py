@@ -10,12 +10,14 @@ What it does, in the order Lightning calls it:
    The optimizer's ``step`` is wrapped so that a step can be skipped and the schedule
    advances only with steps actually taken.
 3. ``on_train_batch_start``: sets ``trainer.accumulate_grad_batches`` from the
-   accumulation schedule (see :mod:`lightning_optim.accumulation`).
-4. ``on_before_optimizer_step`` (grads complete, and unscaled under 16-mixed): rescales a
-   window cut short by the epoch end, clips, checks for non-finite gradients (the one host
-   sync of a step) and logs the pre-clip norms.
-5. ``state_dict``: the schedule, the clip counters, the accumulation position and the count
-   of steps taken, so a resumed run continues exactly.
+   accumulation schedule, and zeroes the gradients at the start of a window that Lightning
+   would not zero (see :mod:`lightning_optim.accumulation`); ``on_after_backward`` of a
+   window's last micro-batch turns the summed gradients into the window's mean.
+4. ``on_before_optimizer_step`` (grads complete, and unscaled under 16-mixed): clips,
+   checks for non-finite gradients (the one host sync of a step) and logs the pre-clip norms.
+5. ``state_dict``: the schedule, the clip counters, the accumulation position (and, written
+   mid-window in one process, the gradients accumulated so far) and the count of steps
+   taken, so a resumed run continues exactly.
 
 The LR schedule is stepped by this callback after each step taken, not by Lightning, so a
 skipped step leaves it unchanged; it is therefore not in ``trainer.lr_scheduler_configs``,
@@ -33,7 +35,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
@@ -91,6 +93,10 @@ class OptimizerCallback(Callback):
         self.steps_taken = 0
         self._skip = False
         self._pending_state: dict[str, Any] | None = None
+        self._window_scaled = False  # the open window's gradients already hold its mean
+        self._pending_grads: list[torch.Tensor | None] | None = None  # an open window's, from a checkpoint
+        self._resumed_open_window = False
+        self._warned_mid_window = False
 
     # ----- setup --------------------------------------------------------------------------
 
@@ -116,6 +122,12 @@ class OptimizerCallback(Callback):
                 f"OptimizerCallback: Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches!r}) "
                 f"and an accumulation schedule ({self.accumulator.schedule.describe()}) are both set: "
                 "choose one."
+            )
+        if self.accumulator is not None and trainer.strategy.handles_gradient_accumulation:
+            raise ConfigurationError(
+                f"OptimizerCallback: strategy {type(trainer.strategy).__name__} accumulates gradients itself, "
+                f"so an accumulation schedule ({self.accumulator.schedule.describe()}) cannot set its windows: "
+                "drop the schedule and use the strategy's own accumulation setting."
             )
         if isinstance(trainer.strategy, FSDPStrategy):
             raise ConfigurationError(
@@ -232,19 +244,60 @@ class OptimizerCallback(Callback):
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.accumulator is not None:
-            trainer.accumulate_grad_batches = self.accumulator.on_batch_start(
-                batch_idx, self.steps_taken, trainer.current_epoch
-            )
+        acc = self.accumulator
+        if acc is None:
+            return
+        resumed_open = self._resumed_open_window
+        self._resumed_open_window = False
+        if resumed_open and self._pending_grads is not None:
+            # The first batch after a mid-window checkpoint: put back what the window had summed.
+            params = [p for g in trainer.optimizers[0].param_groups for p in g["params"]]
+            for p, saved in zip(params, self._pending_grads):
+                p.grad = None if saved is None else saved.to(device=p.device, dtype=p.dtype)
+            resumed_open = False
+        self._pending_grads = None
+        trainer.accumulate_grad_batches = acc.on_batch_start(batch_idx, self.steps_taken, trainer.current_epoch)
+        if acc.seen == 1:
+            self._window_scaled = False
+        if acc.must_zero_grad(batch_idx) or resumed_open:
+            # Lightning zeroes only where batch_idx % accumulate_grad_batches == 0; run its own
+            # zero_grad path (hooks, the module's optimizer_zero_grad, its progress counters).
+            loop = trainer.fit_loop.epoch_loop.automatic_optimization
+            loop._on_before_zero_grad(trainer.optimizers[0])
+            loop._optimizer_zero_grad(batch_idx, trainer.optimizers[0])
+
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After the window's last backward (under DDP: the synchronized one) the gradients are
+        # sum_b g_b / k; make them the mean here, before any on_before_optimizer_step (the
+        # MomentMonitor's gradient statistics, clipping) reads them.
+        if self.accumulator is not None and not trainer.fit_loop._should_accumulate():
+            self._scale_window(trainer.optimizers[0])
+
+    def _scale_window(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._window_scaled:
+            return
+        self._window_scaled = True
+        scale = self.accumulator.step_scale()
+        if scale != 1.0:
+            grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            torch._foreach_mul_(grads, scale)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Lightning reports the loss divided by accumulate_grad_batches (k); report it divided by
+        # the window's size n, as with a fixed accumulate_grad_batches = n.
+        if self.accumulator is not None and isinstance(outputs, dict) and torch.is_tensor(outputs.get("loss")):
+            scale = self.accumulator.loss_scale()
+            if scale != 1.0:
+                outputs["loss"] = outputs["loss"] * scale
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         unscale_for_fused_amp(trainer, optimizer)
         if self.accumulator is not None:
-            scale = self.accumulator.partial_window_scale()
-            if scale != 1.0:
-                grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-                torch._foreach_mul_(grads, scale)
+            self._scale_window(optimizer)  # not done yet if the last micro-batch had no backward
+            self.accumulator.close()
         report = self.clipper.clip_(optimizer)
         self._skip = self.clipper.should_skip(report)
         metrics: dict[str, Any] = {"optim/grad_norm_total": report.total_norm}
@@ -256,20 +309,41 @@ class OptimizerCallback(Callback):
         metrics["optim/skipped_steps"] = float(self.clipper.skipped_steps)
         metrics["optim/clipped_steps"] = float(self.clipper.clipped_steps)
         if self.accumulator is not None:
-            metrics["optim/accumulation"] = float(self.accumulator.size)
+            metrics["optim/accumulation"] = float(self.accumulator.micro_batches)  # what this step averaged
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
 
     # ----- checkpoints --------------------------------------------------------------------
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "steps_taken": self.steps_taken,
             "clipper": self.clipper.state_dict(),
             "accumulator": self.accumulator.state_dict() if self.accumulator is not None else None,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "optimizer_name": self.optimizer_config.name,
         }
+        if self.accumulator is not None and self.accumulator.open and self.optimizer is not None:
+            state["accumulated_grads"] = self._open_window_grads()
+        return state
+
+    def _open_window_grads(self) -> list[torch.Tensor | None] | None:
+        """The gradients an open window has summed so far, for a checkpoint written mid-window;
+        None under several processes, where each rank holds its own partial sum (warned once)."""
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            if not self._warned_mid_window:
+                self._warned_mid_window = True
+                rank_zero_warn(
+                    "OptimizerCallback: this checkpoint is written in the middle of an accumulation window "
+                    f"({self.accumulator.seen} of {self.accumulator.size} micro-batches) under "
+                    f"{trainer.world_size} processes; the ranks' partial gradients are not saved, so a run "
+                    "resumed from it averages only the window's micro-batches after the checkpoint. "
+                    "ModelCheckpoint(every_n_train_steps=...) writes after a step, where no window is open."
+                )
+            return None
+        return [None if p.grad is None else p.grad.detach().clone()
+                for g in self.optimizer.param_groups for p in g["params"]]
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -291,6 +365,17 @@ class OptimizerCallback(Callback):
         self.clipper.load_state_dict(state["clipper"])
         if self.accumulator is not None and state.get("accumulator") is not None:
             self.accumulator.load_state_dict(state["accumulator"])
+            if self.accumulator.open:  # written mid-window: its gradients come back at the next batch
+                self._pending_grads = state.get("accumulated_grads")
+                self._resumed_open_window = True
+                self._window_scaled = False
+                if self._pending_grads is None:
+                    self.accumulator.lose_window()
+                    rank_zero_warn(
+                        "OptimizerCallback: resuming in the middle of an accumulation window whose gradients "
+                        f"the checkpoint does not hold ({self.accumulator.lost} of {self.accumulator.size} "
+                        "micro-batches lost): the window's step averages the micro-batches after the resume."
+                    )
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         # Let Lightning set the train loader up again once it has restored its loops. A schedule

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import lightning_optim as lo
+from lightning_optim.accumulation import AccumulationSchedule
 from lightning_optim.callback import OptimizerCallback
 from lightning_helpers import BareLM, TiedLM, data, flat_params, trainer
 
@@ -69,8 +70,8 @@ def test_scheduler_total_follows_the_run():
     cb = OptimizerCallback(optimizer={"name": "sgd", "lr": 1.0}, scheduler={"name": "cosine", "min_lr_ratio": 0.1},
                            accumulation={0: 1, 5: 2})
     trainer([cb], max_epochs=2).fit(model, data(batches=10))
-    # Epoch 0: 5 steps of 1, then windows of 2 at batches 6-7, 8-9 (batch 5 waits for alignment:
-    # a window of 1); epoch 1: five windows of 2. Total 5 + 1 + 2 + 5 = 13.
+    # Epoch 0: 5 steps of 1, then windows of 2 at batches 5-6, 7-8 and 9 (cut short by the
+    # epoch end); epoch 1: five windows of 2. Total 5 + 3 + 5 = 13.
     assert cb.steps_taken == 13
     assert cb.optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
 
@@ -104,6 +105,90 @@ def regression_data(batches=24, batch_size=4, seed=0):
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
 
 
+def keyed_windows(schedule, batches: int, epochs: int = 1) -> list[list[int]]:
+    """Step s averages the next size_at(s) micro-batches; an epoch end cuts a window short.
+    Windows as lists of global batch numbers (epoch * batches + batch_idx)."""
+    sched, windows = AccumulationSchedule(schedule), []
+    for epoch in range(epochs):
+        b = 0
+        while b < batches:
+            n = sched.size_at(len(windows))
+            windows.append([epoch * batches + i for i in range(b, min(b + n, batches))])
+            b += n
+    return windows
+
+
+class Recording(Regression):
+    """Records, per batch, Lightning's zero_grad calls and the loss it reports."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.zeroed: list[int] = []  # global batch numbers at which optimizer_zero_grad ran
+        self.raw_losses: list[float] = []
+        self.reported_losses: list[float] = []
+        self.accumulation: list[float] = []  # optim/accumulation as logged, per optimizer step
+
+    def _g(self, batch_idx):
+        return self.trainer.current_epoch * self.trainer.num_training_batches + batch_idx
+
+    def optimizer_zero_grad(self, epoch, batch_idx, optimizer):
+        self.zeroed.append(self._g(batch_idx))
+        super().optimizer_zero_grad(epoch, batch_idx, optimizer)
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.raw_losses.append(loss.item())
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.trainer.global_step != self._seen_step:
+            self.accumulation.append(float(self.trainer.callback_metrics["optim/accumulation"]))
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        self.reported_losses.append(outputs["loss"].item())
+
+
+@pytest.mark.parametrize("schedule, batches, epochs", [
+    ({0: 1, 3: 4}, 12, 1),  # the switch lands on batch 3: windows 3-6, 7-10, then 11 cut short
+    ({0: 2, 5: 3}, 14, 2),  # windows of 3 from batch 10, misaligned; an epoch end cuts one short
+    ({0: 4, 2: 1}, 7, 2),  # a decrease: 0-3, 4-6 (epoch end), then ones
+    ({0: 1, 1: 4}, 9, 1),  # a window from batch_idx 1, where no divisor lets Lightning zero it
+])
+def test_accumulation_schedule_equals_sgd_on_the_mean_gradient_of_each_keyed_window(schedule, batches, epochs):
+    """Plain SGD on the hand-computed mean of the micro-batch gradients of each window, as the
+    schedule keys them by optimizer step: parameters after every step to 1e-6, the number of
+    steps, one zero_grad per window (at its first batch), and the loss and window size logged."""
+    torch.manual_seed(0)
+    model = Recording()
+    reference = copy.deepcopy(model)
+    loader = regression_data(batches=batches)
+    cb = OptimizerCallback(optimizer={"name": "sgd", "lr": 0.1}, accumulation=schedule)
+    trainer([cb], max_epochs=epochs, logger=False).fit(model, loader)
+
+    windows = keyed_windows(schedule, batches, epochs)
+    assert cb.steps_taken == len(model.snapshots) == len(windows)
+    assert cb.accumulator.count_steps(batches, epochs) == len(windows)  # what an LR schedule's total reads
+    assert model.zeroed == [w[0] for w in windows]
+    assert model.accumulation == [float(len(w)) for w in windows]
+    sizes = {g: AccumulationSchedule(schedule).size_at(s) for s, w in enumerate(windows) for g in w}
+    torch.testing.assert_close(torch.tensor(model.reported_losses),  # divided by the keyed size, as Lightning does
+                               torch.tensor([l / sizes[g] for g, l in enumerate(model.raw_losses)]), rtol=1e-6, atol=0)
+
+    batch_list = list(loader)
+    params = list(reference.parameters())
+    for window, got in zip(windows, model.snapshots):
+        mean = [torch.zeros_like(p) for p in params]
+        for g in window:
+            x, y = batch_list[g % batches]
+            grads = torch.autograd.grad(nn.functional.mse_loss(reference.net(x), y), params)
+            for m, gr in zip(mean, grads):
+                m += gr / len(window)
+        with torch.no_grad():
+            for p, m in zip(params, mean):
+                p -= 0.1 * m
+        want = flat_params(reference)
+        assert (got - want).abs().max() <= 1e-6 * want.abs().max(), window
+
+
 def test_accumulation_schedule_equals_training_on_concatenated_batches():
     torch.manual_seed(0)
     model = Regression()
@@ -111,9 +196,10 @@ def test_accumulation_schedule_equals_training_on_concatenated_batches():
     loader = regression_data()
     cb = OptimizerCallback(optimizer={"name": "adamw", "lr": 1e-2}, accumulation={0: 1, 3: 4})
     trainer([cb], max_epochs=1).fit(model, loader)
-    # Windows: batches 0, 1, 2 alone (steps 1-3); batch 3 alone (a size-4 window must start at a
-    # batch index divisible by 4); then 4-7, 8-11, ..., 20-23: 4 + 5 = 9 steps.
-    windows = [[0], [1], [2], [3]] + [list(range(s, s + 4)) for s in range(4, 24, 4)]
+    # Windows: batches 0, 1, 2 alone (steps 1-3), then 3-6, 7-10, ..., 19-22 and 23 (cut short):
+    # step 3 takes the 4 micro-batches keyed for it, though batch 3 is not a multiple of 4.
+    windows = [[0], [1], [2]] + [list(range(s, s + 4)) for s in range(3, 23, 4)] + [[23]]
+    assert windows == keyed_windows({0: 1, 3: 4}, 24)
     assert len(model.snapshots) == len(windows)
     batches = list(loader)
     opt = lo.create_optimizer({"name": "adamw", "lr": 1e-2}, reference)
@@ -142,6 +228,78 @@ def test_window_cut_short_by_the_epoch_end_sees_the_mean_gradient():
         nn.functional.mse_loss(reference.net(x), y).backward()
         opt.step()
     torch.testing.assert_close(flat_params(model), flat_params(reference), rtol=1e-6, atol=1e-7)
+
+
+RESUME_SCHEDULE, RESUME_BATCHES, RESUME_EPOCHS = {0: 2, 5: 3}, 14, 2
+# Checkpoints after these global batches: 7 ends a window before the switch (mid-schedule);
+# 10 and 11 are inside the first window of 3 (batches 10-12, misaligned: k = 13); 12 ends it;
+# 13 ends the epoch on a window cut short; 15 is inside epoch 1's second window (3-5).
+RESUME_AT = (7, 10, 11, 12, 13, 15)
+
+
+def resume_run(ckpt_path=None, save_at=(), out=None):
+    torch.manual_seed(0)
+    model = Regression()
+    cb = OptimizerCallback(optimizer={"name": "adamw", "lr": 1e-2},
+                           scheduler={"name": "warmup_cosine", "warmup_steps": 2}, accumulation=RESUME_SCHEDULE)
+
+    class SaveAt(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            g = trainer.current_epoch * RESUME_BATCHES + batch_idx
+            if g in save_at:
+                trainer.save_checkpoint(out / f"after_{g}.ckpt")
+
+    loader = lo.ResumableDataLoader(regression_data(batches=RESUME_BATCHES).dataset, batch_size=4, shuffle=False)
+    trainer([cb, SaveAt()], max_epochs=RESUME_EPOCHS).fit(model, loader, ckpt_path=ckpt_path)
+    return model, cb
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_accumulation(tmp_path_factory):
+    out = tmp_path_factory.mktemp("accumulation_resume")
+    model, cb = resume_run(save_at=RESUME_AT, out=out)
+    return out, flat_params(model), cb
+
+
+@pytest.mark.parametrize("g", RESUME_AT)
+def test_resume_mid_window_and_mid_schedule_equals_the_uninterrupted_run(g, uninterrupted_accumulation):
+    out, full_params, full_cb = uninterrupted_accumulation
+    state = next(v for k, v in torch.load(out / f"after_{g}.ckpt", weights_only=False)["callbacks"].items()
+                 if k.startswith("OptimizerCallback"))
+    mid_window = g in (10, 11, 15)
+    assert state["accumulator"]["open"] is mid_window
+    assert ("accumulated_grads" in state) is mid_window  # the window's partial sum travels only when open
+    model, cb = resume_run(ckpt_path=out / f"after_{g}.ckpt")
+    assert torch.equal(flat_params(model), full_params)
+    assert cb.steps_taken == full_cb.steps_taken == len(keyed_windows(RESUME_SCHEDULE, RESUME_BATCHES, RESUME_EPOCHS))
+    assert cb.accumulator.state_dict() == full_cb.accumulator.state_dict()
+    assert cb.scheduler.state_dict() == full_cb.scheduler.state_dict()
+
+
+def test_resume_mid_window_without_its_gradients_warns_and_averages_what_it_has(uninterrupted_accumulation, tmp_path):
+    """A checkpoint with an open window but no gradients (as several processes write it): the
+    resumed step averages the micro-batches after the checkpoint, and says so."""
+    out, full_params, _ = uninterrupted_accumulation
+    ckpt = torch.load(out / "after_11.ckpt", weights_only=False)
+    key = next(k for k in ckpt["callbacks"] if k.startswith("OptimizerCallback"))
+    del ckpt["callbacks"][key]["accumulated_grads"]
+    torch.save(ckpt, tmp_path / "lossy.ckpt")
+    seen = []
+
+    class Spy(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            seen.append((trainer.global_step, pl_module.trainer.callbacks[0].accumulator.micro_batches))
+
+    with pytest.warns(UserWarning, match=r"resuming in the middle of an accumulation window whose gradients "
+                                         r"the checkpoint does not hold \(2 of 3 micro-batches lost\)"):
+        torch.manual_seed(0)
+        model = Regression()
+        cb = OptimizerCallback(optimizer={"name": "adamw", "lr": 1e-2},
+                               scheduler={"name": "warmup_cosine", "warmup_steps": 2}, accumulation=RESUME_SCHEDULE)
+        loader = lo.ResumableDataLoader(regression_data(batches=RESUME_BATCHES).dataset, batch_size=4, shuffle=False)
+        trainer([cb, Spy()], max_epochs=RESUME_EPOCHS).fit(model, loader, ckpt_path=tmp_path / "lossy.ckpt")
+    assert seen[0] == (5, 1)  # step 5's window (batches 10-12) holds batch 12 only
+    assert not torch.equal(flat_params(model), full_params)
 
 
 # ----- clipping and the non-finite guard -------------------------------------------------------
@@ -267,6 +425,22 @@ def test_trainer_gradient_clip_val_and_our_clipping_conflict():
     with pytest.raises(ValueError, match=r"gradient_clip_val=1\.0.*choose one"):
         trainer([OptimizerCallback(clipping={"mode": "norm", "max_norm": 1.0})], gradient_clip_val=1.0,
                 max_steps=1).fit(BareLM(), data())
+
+
+def test_strategy_that_accumulates_itself_is_refused_with_a_schedule():
+    """A strategy with handles_gradient_accumulation (DeepSpeed) steps on every batch and
+    accumulates on its own count, so a schedule could not set its windows: refused in setup."""
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    class Accumulating(SingleDeviceStrategy):
+        @property
+        def handles_gradient_accumulation(self) -> bool:
+            return True
+
+    cb = OptimizerCallback(accumulation={0: 1, 5: 2})
+    with pytest.raises(ValueError, match=r"^OptimizerCallback: strategy Accumulating accumulates gradients itself, "
+                                         r"so an accumulation schedule \(accumulate 1 from step 0, 2 from step 5\)"):
+        trainer([cb], strategy=Accumulating(device="cpu")).fit(BareLM(), data())
 
 
 def test_trainer_accumulation_and_our_schedule_conflict():
