@@ -12,6 +12,7 @@ import re
 import struct
 import subprocess
 import sys
+import warnings
 import zlib
 from pathlib import Path
 
@@ -430,6 +431,9 @@ def wandb_run(tmp_path_factory):
             run.log(row)
             logged.append(row)
         run.finish()
+        # the wandb-core service may still hold the run file's last block in its buffer after
+        # finish() returns: shutting it down closes the file
+        wandb.teardown()
     finally:
         for k, v in saved.items():
             if v is None:
@@ -643,3 +647,126 @@ def test_cli(full_run, tmp_path):
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 1 and "no metrics" in lines[0] and str(empty) in lines[0]
     assert not (empty / "dashboard.html").exists()
+
+
+# --------------------------------------------------------------------------------------
+# A metrics.csv cut, damaged or continued by a resumed run
+
+
+@pytest.fixture(scope="module")
+def tail_csv(tmp_path_factory):
+    """The header and the last ten rows (the validation row of step 190, then steps 191 to 199) of
+    a CSVLogger file: sorted columns, so ``step`` sits between the ``optim/*`` values and
+    ``train/loss``; ``\\r\\n`` line ends."""
+    run_dir = tmp_path_factory.mktemp("tail")
+    info = write_csv_run(run_dir, n_layers=3, n_steps=199, every=1)
+    lines = info["path"].read_bytes().splitlines(keepends=True)
+    data = lines[0] + b"".join(lines[-10:])
+    assert lines[0].split(b",").index(b"step") > 20 and data.endswith(b"\r\n")
+    assert lines[-1].split(b",")[lines[0].split(b",").index(b"step")] == b"199"
+    return data
+
+
+def flat(table):
+    return {(key, s): v for key, (steps, values) in table.items() for s, v in zip(steps, values)}
+
+
+def test_cut_at_every_byte_of_the_last_two_lines(tail_csv, tmp_path):
+    """A kill (or a running writer) leaves the file cut anywhere: every value read is the uncut
+    file's value at that step, or absent, and the cut line is named in a warning."""
+    path = tmp_path / "metrics.csv"
+    path.write_bytes(tail_csv)
+    full = flat(load_run(path))
+    assert len({s for _, s in full}) == 10
+    lines = tail_csv.splitlines(keepends=True)
+    start = len(tail_csv) - len(lines[-1]) - len(lines[-2])
+    step_field = None
+    for cut in range(start, len(tail_csv) + 1):
+        path.write_bytes(tail_csv[:cut])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = flat(load_run(path))
+        for (key, step), value in got.items():
+            assert full.get((key, step)) == value, (cut, key, step)
+        ends = {start, start + len(lines[-2]), len(tail_csv)}
+        complete = cut in ends or tail_csv[cut - 1:cut] == b"\r"  # cut between \r and \n: a whole row
+        lineno = tail_csv[:cut].count(b"\n") + 1  # the line the cut falls in
+        messages = [str(w.message) for w in caught if issubclass(w.category, dashboard.MetricsFileWarning)]
+        if complete:
+            assert messages == [], cut
+        else:
+            assert messages == [f"{path}:{lineno}: line skipped: the line has no line end (still being "
+                                "written, or cut)"], cut
+        if tail_csv[:cut].endswith(b",19") and step_field is None:
+            step_field = cut
+            assert not any(step == 19 for _, step in got)  # the cut that used to move step 199 to 19
+    assert step_field is not None
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda row: row[:3] + row[4:], r"\d+ fields where the header has \d+"),
+    (lambda row: row + ["1.0"], r"\d+ fields where the header has \d+"),
+    (lambda row: [("x1" if i == 5 else c) for i, c in enumerate(row)], r"'x1' in column '[^']+' is not a number"),
+    (lambda row: [("" if c == "195" else c) for c in row], r"step '' is not a finite number"),
+])
+def test_malformed_line_is_skipped_and_named(tail_csv, tmp_path, damage, why):
+    text = tail_csv.decode()
+    lines = text.splitlines(keepends=True)
+    bad = next(csv.reader([lines[6]]))  # step 195
+    assert "195" in bad
+    lines[6] = ",".join(damage(bad)) + "\r\n"
+    path = tmp_path / "metrics.csv"
+    path.write_text("".join(lines), newline="")
+    with pytest.warns(dashboard.MetricsFileWarning, match=re.escape(f"{path}:7: line skipped: ") + why):
+        table = load_run(path)
+    path.write_bytes(tail_csv)
+    full = flat(load_run(path))
+    got = flat(table)
+    assert {k: v for k, v in full.items() if k[1] != 195} == got  # that row only, nothing else
+
+
+def test_many_bad_lines_warn_once_each_then_a_summary(tail_csv, tmp_path):
+    header, *rows = tail_csv.decode().splitlines(keepends=True)
+    path = tmp_path / "metrics.csv"
+    path.write_text(header + "1,2\r\n" * 25 + "".join(rows), newline="")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        table = load_run(path)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == dashboard._MAX_LINE_WARNINGS + 1
+    assert messages[0].startswith(f"{path}:2: line skipped") and messages[19].startswith(f"{path}:21: ")
+    assert messages[-1] == f"{path}: 5 more lines skipped (lines 22 to 26): cut or malformed"
+    path.write_bytes(tail_csv)
+    assert table == load_run(path)  # the bad lines only
+
+
+def test_resumed_run_continues_the_csv_and_later_rows_win(tmp_path):
+    """A run killed while writing step 5, resumed from its step-2 checkpoint, appends to the same
+    file: its first row lands on the cut line (too many fields: skipped and named), steps 3 and 4
+    appear twice (the later row wins), and a new header (a new key) continues the columns."""
+    path = tmp_path / "metrics.csv"
+    killed = "epoch,step,train/loss\r\n" + "".join(f"0,{s},{s}.0\r\n" for s in range(1, 5)) + "0,5,5."
+    resumed = "".join(f"0,{s},{s}.5\r\n" for s in range(3, 5))
+    new_header = "epoch,optim/v_drift/w.weight,step,train/loss\r\n" + "".join(
+        f"0,0.{s},{s},{s}.5\r\n" for s in range(5, 7))
+    path.write_text(killed + resumed + new_header, newline="")
+    with pytest.warns(dashboard.MetricsFileWarning,
+                      match=re.escape(f"{path}:6: line skipped: 5 fields where the header has 3")):
+        table = load_run(path)
+    # step 3: the killed run's row (the resumed one was merged into the cut line); 4 to 6: the resumed run
+    assert table["train/loss"] == ([1, 2, 3, 4, 5, 6], [1.0, 2.0, 3.0, 4.5, 5.5, 6.5])
+    assert table["optim/v_drift/w.weight"] == ([5, 6], [0.5, 0.6])
+    # rows need not come in step order (the monitor's row of step 10 before Lightning's of step 9)
+    path.write_text("step,a,b\r\n10,1.0,\r\n9,,2.0\r\n20,3.0,\r\n19,,4.0\r\n", newline="")
+    assert load_run(path) == {"a": ([10, 20], [1.0, 3.0]), "b": ([9, 19], [2.0, 4.0])}
+
+
+def test_cli_prints_skipped_lines_as_warnings(tail_csv, tmp_path, capsys):
+    path = tmp_path / "metrics.csv"
+    path.write_bytes(tail_csv[:-30])
+    assert dashboard.main([str(tmp_path), "-o", str(tmp_path / "d.html")]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == str(tmp_path / "d.html")
+    lineno = tail_csv.count(b"\n")  # the last line, cut
+    assert err.splitlines() == [f"warning: {path}:{lineno}: line skipped: the line has no line end "
+                                "(still being written, or cut)"]
