@@ -126,7 +126,7 @@ def test_both_ranks_skip_the_step_where_only_rank_one_saw_inf(runs):
     s = runs["script"]
     r0, r1 = runs["ranks"]
     for r in (r0, r1):
-        assert r["global_step"] == 10  # 4 single-batch steps + 6 windows of 2 over 16 batches
+        assert r["global_step"] == 10  # 3 single-batch steps, 6 windows of 2, 1 cut short: 16 batches
         assert r["steps_taken"] == 9  # the poisoned window's step was skipped
         assert r["clipper"]["skipped_steps"] == 1 and r["clipper"]["consecutive_skips"] == 0
     assert r0["clipper"] == r1["clipper"] == runs["reference"]["clipper"]
@@ -184,3 +184,16 @@ def test_logged_norms_and_clip_counters_are_the_global_ones(runs):
     assert counters["group_clipped_steps"] == {"embedding": sum(clipped_emb.values()),
                                                "decay": sum(clipped_rest.values()),
                                                "no_decay": sum(clipped_rest.values())}
+
+
+def test_each_keyed_window_syncs_once_at_its_last_batch(runs):
+    """The schedule's windows of 2 start at batch 3, off Lightning's multiples of 2: every rank
+    all-reduces exactly on each window's last backward (DDP's no_sync on the others), and each
+    step averaged the micro-batches the schedule keys for it (the same windows as the
+    single-process reference, which test_callback.py checks against SGD on the mean gradient)."""
+    s = runs["script"]
+    for r in runs["ranks"]:
+        assert r["synced"] == s.WINDOW_ENDS
+    ends = [-1, *s.WINDOW_ENDS]
+    sizes = _per_step(_rows(runs["out"] / "logs_rank0"), "optim/accumulation")
+    assert [sizes[k] for k in sorted(sizes)] == [float(b - a) for a, b in zip(ends, ends[1:])]

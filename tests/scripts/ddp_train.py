@@ -8,8 +8,10 @@ What it writes:
 
 - ``OUT/init.pt`` (rank 0): the parameters before the first step, so the single-process
   reference in the test starts from the same bits whatever RNG state it has.
-- ``OUT/rank<r>.json``: each rank's final parameters, clip/skip counters, steps taken, and
-  the input ids of every batch it saw (to check DistributedSampler's split).
+- ``OUT/rank<r>.json``: each rank's final parameters, clip/skip counters, steps taken, the
+  input ids of every batch it saw (to check DistributedSampler's split), and the batches
+  whose backward all-reduced gradients (a counting DDP communication hook: every other
+  backward ran under ``no_sync``).
 - ``OUT/logs_rank<r>/``: each rank's CSVLogger directory. Only rank 0 may write into its own.
 
 The test process imports :func:`build` to run the same configuration single-process on the
@@ -41,8 +43,12 @@ BATCHES = 16  # per rank (DDP) = per epoch (single process): one epoch, so the w
 # test checks that no norm is within 1e-3 of its threshold, where rounding could flip a decision.
 EMBEDDING_MAX_NORM = 0.65
 MAX_NORM = 3.8
-ACCUMULATION = {0: 1, 3: 2}  # steps 1-4 one batch each, then windows of two: 10 steps in all
-BAD_STEP = 5  # global_step of the poisoned window (batches 6 and 7, accumulated)
+# Steps 0-2 one batch each, then windows of two from batch 3, which is not a multiple of 2
+# (Lightning is given k = 5, 7, 3, 11, 13, 3 for windows 3-4, ..., 13-14), and batch 15 alone
+# (cut short by the epoch end): 10 steps in all.
+ACCUMULATION = {0: 1, 3: 2}
+WINDOW_ENDS = [0, 1, 2, 4, 6, 8, 10, 12, 14, 15]  # the batches whose backward must all-reduce
+BAD_STEP = 5  # global_step of the poisoned window (batches 5 and 6, accumulated)
 BAD_RANK = 1  # under DDP only rank 1's loss becomes inf; single-process, the only rank
 EVERY = 2  # MomentMonitor cadence
 
@@ -93,10 +99,24 @@ class Dump(pl.Callback):
 
     def __init__(self, out: Path) -> None:
         self.out = out
+        self.allreduces = 0
+        self.synced: list[int] = []  # batch_idx of the batches whose backward all-reduced
 
     def on_train_start(self, trainer, pl_module):
         if trainer.global_rank == 0:  # after DDP's broadcast from rank 0: what both ranks start from
             torch.save({k: v.detach().clone() for k, v in pl_module.state_dict().items()}, self.out / "init.pt")
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def counting_allreduce(state, bucket):  # DDP's default all-reduce, counted
+            self.allreduces += 1
+            return allreduce_hook(state, bucket)
+
+        trainer.strategy.model.register_comm_hook(None, counting_allreduce)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.allreduces:
+            self.synced.append(batch_idx)
+        self.allreduces = 0
 
     def on_train_end(self, trainer, pl_module):
         cb = next(c for c in trainer.callbacks if isinstance(c, lo.OptimizerCallback))
@@ -104,7 +124,7 @@ class Dump(pl.Callback):
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps({
             "params": flat(pl_module), "state": state, "batches": pl_module.batches,
             "global_step": trainer.global_step, "steps_taken": cb.steps_taken, "clipper": cb.clipper.state_dict(),
-            "world_size": trainer.world_size,
+            "world_size": trainer.world_size, "synced": self.synced,
         }))
 
 
