@@ -20,7 +20,9 @@ Inputs, found under ``RUN_DIR`` (which may also be the metrics file itself):
   header starts a new column set, and when a step appears in several rows each key takes the
   value of the last row that has one: a resumed run's rows supersede the killed run's;
 * otherwise a W&B run (``wandb/offline-run-*/run-*.wandb``, offline or online, the latest
-  taken), read without a server by :mod:`lightning_optim.wandb_history`. The step is
+  taken, together with the earlier run files of the same run id that a resumed run leaves,
+  read oldest first so a step logged again takes the later value), read without a server by
+  :mod:`lightning_optim.wandb_history`. The step is
   Lightning's ``trainer/global_step`` when logged, else W&B's ``_step``; histograms are left
   out of the numeric series.
 
@@ -67,6 +69,7 @@ import base64
 import csv
 import html
 import io
+import itertools
 import math
 import os
 import re
@@ -105,7 +108,8 @@ def find_metrics(run_dir: str | Path, source: str = "auto") -> tuple[str, Path]:
     """``("csv", path)`` or ``("wandb", path)``: the metrics file of the run under ``run_dir``.
 
     ``source="auto"`` takes the newest ``metrics.csv`` found recursively, else the latest W&B
-    run file; ``"csv"`` or ``"wandb"`` looks for that kind only. ``run_dir`` may also be a
+    run file (:func:`load_run` also reads the earlier files of that run id, which a resumed
+    run leaves); ``"csv"`` or ``"wandb"`` looks for that kind only. ``run_dir`` may also be a
     ``.csv`` or ``.wandb`` file. Raises :class:`NoMetricsError` (a ``FileNotFoundError``)
     naming ``run_dir`` when nothing is found.
     """
@@ -275,9 +279,13 @@ def _load(run_dir: str | Path, source: str = "auto") -> tuple[str, Path, Table]:
     if kind == "csv":
         table = _read_csv(path)
     else:
-        from .wandb_history import read_history
+        from .wandb_history import read_history, run_files
 
-        table = _wandb_table(read_history(path))
+        root = Path(run_dir)
+        # a resumed W&B run: one file per start of the same run id, read oldest first so the
+        # later rows win where the resumed run logged a step again
+        files = run_files([p for p in root.rglob("run-*.wandb") if p.is_file()]) if root.is_dir() else [path]
+        table = _wandb_table(row for f in files for row in read_history(f))
     if not table:
         raise NoMetricsError(f"no metrics in {str(run_dir)!r}: {str(path)!r} has no numeric values")
     return kind, path, table
@@ -444,7 +452,7 @@ def _cell_edges(columns: list[float], monitor_steps: list[float]) -> list[float]
     if j > 0:
         left = monitor_steps[j - 1]
     else:
-        gaps = [b - a for a, b in zip(monitor_steps, monitor_steps[1:])]
+        gaps = [b - a for a, b in itertools.pairwise(monitor_steps)]
         left = max(columns[0] - (min(gaps) if gaps else 1), min(0, columns[0] - 1))
     return [left, *columns]
 

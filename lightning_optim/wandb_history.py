@@ -44,6 +44,7 @@ __all__ = [
     "read_history",
     "is_histogram",
     "latest_run_file",
+    "run_files",
 ]
 
 FILE_MAGIC = b":W&B"
@@ -55,7 +56,7 @@ BLOCK_SIZE = 32 * 1024
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 _TYPE_CRC = {t: zlib.crc32(bytes([t])) for t in (FULL, FIRST, MIDDLE, LAST)}
 
-_RUN_DIR = re.compile(r"^(?:offline-)?run-(\d{8}_\d{6})-")
+_RUN_DIR = re.compile(r"^(?:offline-)?run-(\d{8}_\d{6})-(.+)$")
 
 
 def latest_run_file(files: list[Path]) -> Path:
@@ -67,6 +68,24 @@ def latest_run_file(files: list[Path]) -> Path:
         return (m.group(1) if m else "", f.stat().st_mtime, str(f))
 
     return max(files, key=key)
+
+
+def run_files(files: list[Path]) -> list[Path]:
+    """The files of the run that :func:`latest_run_file` picks, oldest first: a resumed run
+    (``wandb.init(id=..., resume=...)``) starts a new ``offline-run-<time>-<id>`` directory
+    for the same run id each time, and each holds only the history logged since that start.
+    The id is the directory name's tail (else the file name's ``run-<id>.wandb``)."""
+
+    def run_id(f: Path) -> str:
+        m = _RUN_DIR.match(f.parent.name)
+        return m.group(2) if m else f.stem.removeprefix("run-")
+
+    def key(f: Path) -> tuple[str, float, str]:
+        m = _RUN_DIR.match(f.parent.name)
+        return (m.group(1) if m else "", f.stat().st_mtime, str(f))
+
+    latest = latest_run_file(files)
+    return sorted((f for f in files if run_id(f) == run_id(latest)), key=key)
 
 
 def find_run_file(path: str | Path) -> Path:

@@ -222,7 +222,7 @@ def test_short_labels_of_lightning_demo_transformer():
     assert got["embedding.weight"] == "embedding.weight" and got["decoder.weight"] == "decoder.weight"
     # the heatmap of a run of this model shows exactly these labels, each once
     table = {f"optim/v_drift/{n}": ([10, 20], [1e-3, 2e-3]) for n in names}
-    fam, layout, sections = dashboard._page("csv", table)
+    _, layout, sections = dashboard._page("csv", table)
     fig = sections[0].draw()
     shown = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert sorted(shown) == sorted(labels)
@@ -243,7 +243,7 @@ def monitor_table(monitor_steps, loss_steps, *, names=("blocks.0.w", "blocks.1.w
 
 
 def heatmap(table, stat):
-    fam, layout, sections = dashboard._page("csv", table)
+    _, layout, sections = dashboard._page("csv", table)
     fig = next(s for s in sections if s.name == stat).draw()
     return fig, fig.axes[0], fig.axes[0].collections[0], layout
 
@@ -255,7 +255,7 @@ def heatmap(table, stat):
 ])
 def test_heatmap_cells_span_the_interval_they_measure(monitor, loss):
     table = monitor_table(monitor, loss)
-    fig, ax, mesh, layout = heatmap(table, "v_drift")
+    _, ax, mesh, layout = heatmap(table, "v_drift")
     xs = mesh.get_coordinates()[0, :, 0]
     # v_drift at step s measures the change since the previous log step: cell [prev, s]
     assert list(xs) == monitor
@@ -263,12 +263,12 @@ def test_heatmap_cells_span_the_interval_they_measure(monitor, loss):
     first = min(monitor[0] - min(b - a for a, b in zip(monitor, monitor[1:])), min(loss))
     assert ax.get_xlim() == (max(first, 0), last)  # the axis stops at the last logged step
     # the other statistics: the cell ends at its log step too; the first one takes the shortest interval
-    fig, ax, mesh, _ = heatmap(table, "sqrt_v_mean")
+    _, ax, mesh, _ = heatmap(table, "sqrt_v_mean")
     gap = min(b - a for a, b in zip(monitor, monitor[1:]))
     assert list(mesh.get_coordinates()[0, :, 0]) == [monitor[0] - gap, *monitor]
     assert ax.get_xlim() == layout.xlim
     # every figure of the page shares the axis
-    fam, layout, sections = dashboard._page("csv", table)
+    _, layout, sections = dashboard._page("csv", table)
     for sec in sections:
         if sec.draw is not None:
             assert sec.draw().axes[0].get_xlim() == layout.xlim, sec.name
@@ -278,7 +278,7 @@ def test_heatmap_not_logged_color_and_colorbar_label():
     from matplotlib.colors import to_rgba
 
     table = monitor_table([10, 20, 30], range(10, 31, 10))
-    steps, values = table["optim/v_drift/blocks.1.w"]
+    _, values = table["optim/v_drift/blocks.1.w"]
     table["optim/v_drift/blocks.1.w"] = ([20], [values[0]])  # not logged at 30
     fig, ax, mesh, _ = heatmap(table, "v_drift")
     dashboard._png(fig)  # draws, which maps the values to colors
@@ -695,8 +695,8 @@ def test_cut_at_every_byte_of_the_last_two_lines(tail_csv, tmp_path):
         if complete:
             assert messages == [], cut
         else:
-            assert messages == [f"{path}:{lineno}: line skipped: the line has no line end (still being "
-                                "written, or cut)"], cut
+            assert messages == [(f"{path}:{lineno}: line skipped: the line has no line end (still being "
+                                 "written, or cut)")], cut
         if tail_csv[:cut].endswith(b",19") and step_field is None:
             step_field = cut
             assert not any(step == 19 for _, step in got)  # the cut that used to move step 199 to 19
@@ -706,7 +706,8 @@ def test_cut_at_every_byte_of_the_last_two_lines(tail_csv, tmp_path):
 @pytest.mark.parametrize("damage, why", [
     (lambda row: row[:3] + row[4:], r"\d+ fields where the header has \d+"),
     (lambda row: row + ["1.0"], r"\d+ fields where the header has \d+"),
-    (lambda row: [("x1" if i == 5 else c) for i, c in enumerate(row)], r"'x1' in column '[^']+' is not a number"),
+    (lambda row: [("x1" if i == 5 else c) for i, c in enumerate(row)],
+     r"'x1' in column '[^']+' is not a number"),
     (lambda row: [("" if c == "195" else c) for c in row], r"step '' is not a finite number"),
 ])
 def test_malformed_line_is_skipped_and_named(tail_csv, tmp_path, damage, why):
@@ -768,5 +769,29 @@ def test_cli_prints_skipped_lines_as_warnings(tail_csv, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert out.strip() == str(tmp_path / "d.html")
     lineno = tail_csv.count(b"\n")  # the last line, cut
-    assert err.splitlines() == [f"warning: {path}:{lineno}: line skipped: the line has no line end "
-                                "(still being written, or cut)"]
+    assert err.splitlines() == [(f"warning: {path}:{lineno}: line skipped: the line has no line end "
+                                 "(still being written, or cut)")]
+
+
+def test_resumed_wandb_run_reads_as_one_history(tmp_path):
+    """A resumed W&B run starts a new offline-run-<time>-<id> directory with the same id: the
+    dashboard reads every file of the latest run's id, oldest first (the later row wins), and
+    leaves other runs out."""
+    wandb_dir = tmp_path / "wandb"
+
+    def run(name, steps, loss):
+        d = wandb_dir / name
+        d.mkdir(parents=True)
+        write_log(d / f"run-{name.rsplit('-', 1)[1]}.wandb",
+                  [history_record(i, {"_step": i, "trainer/global_step": s, "train/loss": loss(s)})
+                   for i, s in enumerate(steps)])
+
+    run("offline-run-20260101_000000-other", [0, 1], lambda s: 100.0)  # an older, unrelated run
+    run("offline-run-20260101_010000-abc123", [0, 10, 20, 30], lambda s: float(s))  # killed after 30
+    run("offline-run-20260101_020000-abc123", [20, 30, 40], lambda s: s + 0.5)  # resumed from 10
+    files = wandb_history.run_files(sorted(wandb_dir.rglob("run-*.wandb")))
+    assert [f.parent.name for f in files] == ["offline-run-20260101_010000-abc123",
+                                              "offline-run-20260101_020000-abc123"]
+    assert load_run(tmp_path)["train/loss"] == ([0, 10, 20, 30, 40], [0.0, 10.0, 20.5, 30.5, 40.5])
+    # the file itself: that file only
+    assert load_run(files[0])["train/loss"] == ([0, 10, 20, 30], [0.0, 10.0, 20.0, 30.0])
