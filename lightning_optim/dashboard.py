@@ -67,6 +67,7 @@ from __future__ import annotations
 import argparse
 import base64
 import csv
+import functools
 import html
 import io
 import itertools
@@ -331,7 +332,7 @@ class _Families:
     scalars: dict[str, Series]  # everything that is not per parameter
     order: str = "logged"  # a key of _ORDER_TEXT: how ``layers`` is ordered
 
-    @property
+    @functools.cached_property
     def monitor_steps(self) -> list[float]:
         """Every step at which some per-parameter statistic was logged: the monitor's log steps."""
         return sorted({s for stat in self.per_param.values() for steps, _ in stat.values() for s in steps})
