@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
+from .backends import TORCH_KEYWORDS
 from .optim import SGD, Adagrad, Adam, AdamW, CoupledAdam, Lion, NAdam, RAdam, RMSprop, Yogi
 from .optim.base import Optimizer
 from .partition import param_groups
@@ -49,10 +50,13 @@ def optimizers() -> list[str]:
 
 
 def options(name: str) -> dict[str, Any]:
-    """Every hyperparameter of ``name`` with its default (preset applied), ``backend`` included."""
+    """Every hyperparameter of ``name`` with its default (preset applied), ``backend`` included.
+    torch's ``foreach``/``fused``/``capturable``/``differentiable`` are not among them: the
+    constructors take them for code written for torch; a config picks ``backend``."""
     entry = _entry(name)
     sig = inspect.signature(entry.cls.__init__)
-    defaults = {k: p.default for k, p in sig.parameters.items() if k not in ("self", "params")}
+    defaults = {k: p.default for k, p in sig.parameters.items()
+                if k not in ("self", "params", *TORCH_KEYWORDS)}
     return {**defaults, **entry.preset}
 
 

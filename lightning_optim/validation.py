@@ -25,6 +25,13 @@ class ConfigurationError(ValueError):
     catch either; ``python -m lightning_optim.train`` reports it as one paragraph."""
 
 
+class ConflictingOptions(ConfigurationError, RuntimeError):
+    """Two arguments that ask for different things (``backend="reference"`` with
+    ``foreach=True``, or torch's ``foreach=True`` with ``fused=True``). Also a
+    ``RuntimeError``: the type ``torch.optim`` raises for ``foreach=True, fused=True``, so code
+    written against torch catches it as before."""
+
+
 def invalid(owner: str, field: str, value: Any, requirement: str) -> ConfigurationError:
     """Build the one error shape used everywhere: owner, field, quoted value, requirement."""
     return ConfigurationError(f"{owner}: {field}={value!r} is invalid: {requirement}")
@@ -45,6 +52,14 @@ def at_least(owner: str, field: str, value: Any, low: float = 0.0) -> float:
     if not v >= low:  # also rejects NaN
         raise invalid(owner, field, value, f"must be >= {low:g}")
     if math.isinf(v):  # an infinite lr, decay or eps turns every parameter into inf or NaN
+        raise invalid(owner, field, value, "must be finite")
+    return v
+
+
+def finite(owner: str, field: str, value: Any) -> float:
+    """Any finite real number (e.g. SGD's dampening, which torch does not bound)."""
+    v = number(owner, field, value)
+    if not math.isfinite(v):
         raise invalid(owner, field, value, "must be finite")
     return v
 
@@ -94,6 +109,13 @@ def betas(owner: str, value: Any) -> tuple[float, float]:
 def boolean(owner: str, field: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise invalid(owner, field, value, "must be true or false")
+    return value
+
+
+def optional_boolean(owner: str, field: str, value: Any) -> bool | None:
+    """True, False or None (torch's "not set", e.g. ``foreach=None``)."""
+    if value is not None and not isinstance(value, bool):
+        raise invalid(owner, field, value, "must be true, false or None")
     return value
 
 

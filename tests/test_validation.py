@@ -21,7 +21,8 @@ from lightning_optim.registry import REGISTRY, options
 
 NAMES = lo.optimizers()
 # Options that take a number >= 0 (any rule that has them); coupling_scale must be > 0.
-NON_NEGATIVE = ("lr", "eps", "weight_decay", "momentum", "dampening", "alpha", "lr_decay",
+# (SGD's dampening has no bound in torch, nor here: only finite.)
+NON_NEGATIVE = ("lr", "eps", "weight_decay", "momentum", "alpha", "lr_decay",
                 "initial_accumulator_value", "momentum_decay")
 
 
@@ -49,6 +50,8 @@ def _cases():
             yield name, {"betas": (-0.1, 0.9)}, _shape(owner, "betas[0]", -0.1, re.escape("must be in [0, 1)"))
             yield name, {"betas": (0.9,)}, _shape(owner, "betas", (0.9,), r"must be a pair")
             yield name, {"betas": "ab"}, _shape(owner, "betas", "ab", r"must be a pair")
+        if "dampening" in opts:
+            yield name, {"dampening": float("inf")}, _shape(owner, "dampening", float("inf"), "must be finite")
         if "coupling_scale" in opts:
             yield name, {"coupling_scale": 0}, _shape(owner, "coupling_scale", 0, re.escape("must be > 0"))
         for field, default in opts.items():

@@ -21,6 +21,29 @@ An optimizer resolves its ``backend`` argument once, at construction, with
 step's increment: Python floats for ``reference`` and ``foreach`` (read from CPU step tensors),
 the float32 0-d device step tensors themselves for ``triton``, which reads them on the device
 (so its step needs no host sync and can be captured in a CUDA graph; see :mod:`.triton`).
+
+torch's own keywords (:func:`from_torch_keywords`), so code written for ``torch.optim`` runs
+unchanged; they only choose the backend, and ``backend`` stays the one attribute that says
+what runs:
+
+- ``foreach=True``: ``foreach``; ``foreach=False``: ``reference`` (torch's per-tensor loop);
+- ``fused=True``: the single-pass path, ``triton`` (under ``auto``'s self-check) when every
+  param is a CUDA tensor of a dtype it has and Triton is installed, else ``foreach`` with one
+  :class:`~lightning_optim.validation.LightningOptimWarning` that says why;
+  ``fused=False``: anything but ``triton``;
+- ``capturable=True``: the step counts live on the device on ``triton`` already; on another
+  backend with CUDA params the step is the same but reads the counts on the host (not
+  capturable in a CUDA graph), which warns once; CPU params: nothing to capture, a no-op;
+- ``differentiable=True``: refused (``ValueError``): the step is in place under ``no_grad``.
+
+An explicit ``backend`` that a keyword contradicts (``backend="reference", foreach=True``),
+or ``foreach=True`` with ``fused=True``, raises
+:class:`~lightning_optim.validation.ConflictingOptions` (a ``ValueError`` and, as torch raises
+for the latter, a ``RuntimeError``).
+
+Complex parameters reach a backend as real views (``torch.view_as_real``, done by
+``Optimizer.step``), so every backend sees real tensors; the dtype a backend is checked
+against is the real one (complex64: float32, complex128: float64).
 """
 
 from __future__ import annotations
@@ -29,7 +52,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from ..validation import ConfigurationError, choice
+from ..validation import ConfigurationError, ConflictingOptions, boolean, choice, invalid, optional_boolean
 from . import foreach, reference
 from . import triton as triton_backend
 
@@ -43,6 +66,13 @@ _TRITON_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
 AUTO_TRITON_DEVICES = {"cuda"}
 
 Runner = Callable[..., None]
+# torch.optim's keywords that pick an implementation; accepted by every optimizer.
+TORCH_KEYWORDS = ("foreach", "fused", "capturable", "differentiable")
+
+
+def real_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a backend computes in for ``dtype`` params: complex ones as their real view."""
+    return dtype.to_real() if dtype.is_complex else dtype
 
 
 def resolve(owner: str, backend: str, params: Iterable[torch.Tensor]) -> str:
@@ -57,7 +87,7 @@ def resolve(owner: str, backend: str, params: Iterable[torch.Tensor]) -> str:
         return backend
     if (params and devices <= AUTO_TRITON_DEVICES and triton_backend.available()
             and (devices != {"cpu"} or triton_backend.interpreter_enabled())
-            and all(p.dtype in _TRITON_DTYPES for p in params)):
+            and all(real_dtype(p.dtype) in _TRITON_DTYPES for p in params)):
         return "triton"
     return "foreach" if devices <= _FOREACH_DEVICES else "reference"
 
@@ -78,12 +108,87 @@ def _check_triton(owner: str, params: list[torch.Tensor], devices: set[str]) -> 
             f"{owner}: backend='triton' supports CUDA tensors (and CPU under TRITON_INTERPRET=1), "
             f"not {sorted(unsupported)}: use backend='foreach'."
         )
-    dtypes = {p.dtype for p in params} - _TRITON_DTYPES
+    dtypes = {p.dtype for p in params if real_dtype(p.dtype) not in _TRITON_DTYPES}
     if dtypes:
         raise ConfigurationError(
-            f"{owner}: backend='triton' supports float32, bfloat16 and float16 parameters, not "
-            f"{sorted(str(d) for d in dtypes)}: use backend='foreach' for those."
+            f"{owner}: backend='triton' supports float32, bfloat16 and float16 parameters (and "
+            f"complex64, as float32 pairs), not {sorted(str(d) for d in dtypes)}: use backend='foreach' for those."
         )
+
+
+def from_torch_keywords(owner: str, backend: str, params: Iterable[torch.Tensor], *, foreach: bool | None = None,
+                        fused: bool | None = None, capturable: bool = False,
+                        differentiable: bool = False, torch_name: str | None = None) -> tuple[str, str | None]:
+    """The ``backend`` argument that torch's keywords ask for, to pass on to :func:`resolve`,
+    and a warning to give once (or None). See the module docstring for the mapping.
+    ``torch_name``: the ``torch.optim`` class with the same rule, for the advice."""
+    choice(owner, "backend", backend, BACKENDS)
+    foreach = optional_boolean(owner, "foreach", foreach)
+    fused = optional_boolean(owner, "fused", fused)
+    boolean(owner, "capturable", capturable)
+    if boolean(owner, "differentiable", differentiable):
+        where = f"torch.optim.{torch_name}(..., differentiable=True)" if torch_name else \
+            "a torch.optim optimizer with differentiable=True"
+        raise invalid(
+            owner, "differentiable", True,
+            "not supported: the step updates the parameters in place under torch.no_grad(), so no "
+            f"autograd graph runs through it. To differentiate through optimizer steps use {where}, "
+            "or write the update with torch.func; for training, leave differentiable=False",
+        )
+    if foreach and fused:
+        raise ConflictingOptions(f"{owner}: foreach=True and fused=True ask for two implementations "
+                                 "(`fused` and `foreach` cannot be `True` together, as in torch): pass one of them.")
+    if backend != "auto":
+        # A keyword contradicts an explicit backend when it asks for another one (True) or
+        # rules this one out (False); foreach=False with backend="triton" agrees, as in torch.
+        asks = {"foreach": "foreach", "fused": "triton"}
+        for key, value in (("foreach", foreach), ("fused", fused)):
+            if (value is True and backend != asks[key]) or (value is False and backend == asks[key]):
+                wanted = f"backend={asks[key]!r}" if value else f"a backend other than {backend!r}"
+                raise ConflictingOptions(
+                    f"{owner}: backend={backend!r} conflicts with {key}={value!r}, which asks for {wanted}: "
+                    "pass one of them (backend is the one argument that picks what runs)."
+                )
+        return backend, None
+    params = list(params)
+    if fused:
+        why = _why_not_fused(params)
+        if why is None:
+            return "auto", None  # auto's triton, under its self-check on the device
+        fallback = "foreach" if {p.device.type for p in params} <= _FOREACH_DEVICES else "reference"
+        return fallback, (f"{owner}: fused=True, but {why}; using backend={fallback!r} instead (the same update "
+                          f"in several passes over memory instead of one). backend={fallback!r} silences this.")
+    if foreach is not None:
+        return "foreach" if foreach else "reference", None
+    if fused is False and resolve(owner, "auto", params) == "triton":
+        return "foreach", None
+    return "auto", None
+
+
+def _why_not_fused(params: list[torch.Tensor]) -> str | None:
+    """Why the fused (Triton) kernels cannot take ``params``, or None when they can."""
+    devices = {p.device.type for p in params}
+    if not devices or not devices <= AUTO_TRITON_DEVICES or (
+            devices == {"cpu"} and not triton_backend.interpreter_enabled()):
+        return (f"the parameters are on {', '.join(sorted(devices)) or 'no device'}, and the fused kernels "
+                "are Triton kernels for CUDA tensors")
+    why = triton_backend.why_unavailable()
+    if why is not None:
+        return f"the fused kernels are unavailable: {why}"
+    dtypes = {p.dtype for p in params if real_dtype(p.dtype) not in _TRITON_DTYPES}
+    if dtypes:
+        return (f"the fused kernels take float32, bfloat16, float16 and complex64 parameters, not "
+                f"{', '.join(sorted(str(d) for d in dtypes))}")
+    return None
+
+
+def capturable_warning(owner: str, resolved: str, params: Iterable[torch.Tensor]) -> str | None:
+    """The warning for ``capturable=True`` on ``resolved``, or None where it holds or is moot."""
+    if resolved == "triton" or all(p.device.type == "cpu" for p in params):
+        return None  # triton counts on the device; CPU params have no CUDA graph to capture
+    return (f"{owner}: capturable=True, but backend={resolved!r} keeps the step counts on the CPU and reads "
+            "them on the host each step: the update is the same, but the step cannot be captured in a CUDA "
+            "graph. backend='triton' (or fused=True) keeps them on the device.")
 
 
 def runner(backend: str) -> Runner:

@@ -42,13 +42,18 @@ class Adagrad(Optimizer):
         maximize: bool = False,
         master_weights: bool = False,
         backend: str = "auto",
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
             initial_accumulator_value=initial_accumulator_value, eps=eps, maximize=maximize,
             master_weights=master_weights,
         )
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, foreach=foreach, fused=fused, capturable=capturable,
+                         differentiable=differentiable)
 
     def _validate(self, h, owner):
         h = super()._validate(h, owner)

@@ -56,13 +56,18 @@ class Adam(Optimizer):
         bias_correction: bool = True,
         master_weights: bool = False,
         backend: str = "auto",
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             maximize=maximize, decoupled_weight_decay=decoupled_weight_decay,
             bias_correction=bias_correction, master_weights=master_weights,
         )
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, foreach=foreach, fused=fused, capturable=capturable,
+                         differentiable=differentiable)
 
     def _validate(self, h, owner):
         h = super()._validate(h, owner)
@@ -101,9 +106,14 @@ class AdamW(Adam):
         bias_correction: bool = True,
         master_weights: bool = False,
         backend: str = "auto",
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
             decoupled_weight_decay=True, bias_correction=bias_correction,
             master_weights=master_weights, backend=backend,
+            foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable,
         )

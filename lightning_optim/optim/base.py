@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, sharding
-from ..validation import LightningOptimWarning, at_least, boolean, learning_rate
+from ..validation import ConfigurationError, LightningOptimWarning, at_least, boolean, learning_rate
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Scalar state that stays a CPU float32 tensor whatever the param: torch's format.
@@ -70,7 +70,17 @@ def state_dtype(p: Tensor) -> torch.dtype:
 
 
 def zeros(p: Tensor, fill: float = 0.0) -> Tensor:
+    """State like ``p``, every element ``fill``. A complex ``p``'s state is complex, and its
+    real view (what the rule reads) is ``fill`` in both parts, as torch starts Adagrad's sum."""
+    if p.is_complex() and fill != 0:
+        fill = complex(fill, fill)
     return torch.full_like(p, fill, dtype=state_dtype(p), memory_format=torch.preserve_format)
+
+
+def _real(t: Tensor) -> Tensor:
+    """The real view (``torch.view_as_real``: a trailing dim of 2) of a complex tensor, else
+    ``t`` itself."""
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 def scalar(value: float = 0.0) -> Tensor:
@@ -87,6 +97,21 @@ class Optimizer(torch.optim.Optimizer):
             pass a one-time check on the device, else foreach on every device torch
             supports), ``"reference"``, ``"foreach"`` or ``"triton"``. Resolved once, here;
             see :mod:`..backends`.
+        foreach, fused, capturable, differentiable: torch's keywords, so code written for
+            ``torch.optim`` runs unchanged: they choose the backend (``foreach=True``:
+            foreach, ``False``: reference; ``fused=True``: triton where it runs, else foreach
+            with a warning; ``capturable=True``: device step counts, which triton has);
+            ``differentiable=True`` raises. Not group options: :mod:`..backends` has the map.
+
+    Complex parameters (complex64, complex128) are updated as their real views
+    (``torch.view_as_real``: the (re, im) pairs as a trailing dim of 2), on every backend,
+    with complex state like the param's, as torch does for SGD, Adagrad, RMSprop, Adam(W),
+    NAdam and RAdam, so state dicts move between the two; Lion and Yogi follow the same
+    convention. The view is taken once, when the step gathers its buckets (a complex64 param
+    joins the float32 bucket), so every backend stays a real-valued rule. Refused, with a
+    ValueError naming the parameter: complex32, and a complex tensor in a coupled group of
+    CoupledAdam. Against torch: 1e-6 relative, as torch does a few ops (all of SGD's, the L2
+    term of others) in complex arithmetic, which rounds by an ulp unlike the real view.
 
     ``lr`` may be a float or, as in torch, a one-element floating-point tensor. A tensor lr
     keeps its identity (schedulers ``fill_`` it in place; ``load_state_dict`` copies the
@@ -112,14 +137,26 @@ class Optimizer(torch.optim.Optimizer):
     # it would otherwise silently change what the group does (torch lets saved options win).
     structural: tuple[str, ...] = ()
 
-    def __init__(self, params: Any, defaults: dict[str, Any], backend: str = "auto") -> None:
+    def __init__(self, params: Any, defaults: dict[str, Any], backend: str = "auto", *,
+                 foreach: bool | None = None, fused: bool | None = None, capturable: bool = False,
+                 differentiable: bool = False) -> None:
         self._owner = type(self).__name__
         self._warned: set[str] = set()
         self._next_transforms: dict[int, tuple[Tensor | None, float | None]] = {}
         defaults = self._validate(dict(defaults), self._owner)
         super().__init__(params, defaults)
-        self.backend = backends.resolve(self._owner, backend, chain.from_iterable(g["params"] for g in self.param_groups))
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        # torch's keywords only pick the backend (see lightning_optim.backends); they are not
+        # group options, so state dicts carry none of them.
+        backend, note = backends.from_torch_keywords(
+            self._owner, backend, params, foreach=foreach, fused=fused, capturable=capturable,
+            differentiable=differentiable, torch_name=self._owner if hasattr(torch.optim, self._owner) else None)
+        self.backend = backends.resolve(self._owner, backend, params)
         self._run = backends.runner(self.backend)
+        if note is None and capturable:
+            note = backends.capturable_warning(self._owner, self.backend, params)
+        if note is not None:
+            self._warn_once("torch_keywords", note)
         # auto's triton is trusted only after the kernels pass their check on this device.
         self._auto_triton = backend == "auto" and self.backend == "triton"
         self._check_auto_triton(self.param_groups)
@@ -163,6 +200,16 @@ class Optimizer(torch.optim.Optimizer):
     def _check_params(self, group: dict[str, Any]) -> None:
         """Checks that need the group's tensors (e.g. shapes); raise ValueError."""
 
+    def _check_complex(self, p: Tensor, group: dict[str, Any], i: int) -> None:
+        """Refuse a complex ``p`` this optimizer cannot update as real (re, im) pairs: raise
+        ValueError naming it. Every rule here is elementwise except Coupled Adam's coupled
+        groups (see :class:`~lightning_optim.optim.CoupledAdam`); complex32 has no fp32 math."""
+        if p.dtype == torch.complex32:
+            raise ConfigurationError(
+                f"{self._owner}: {self._param_name(group, i)} is complex32, which no backend updates (its "
+                "real view is float16 without the fp32 state low-precision params get): use complex64."
+            )
+
     # ----- master weights (every rule: not a rule's state, so not in ``_init_state``) --------
 
     @staticmethod
@@ -195,7 +242,7 @@ class Optimizer(torch.optim.Optimizer):
         from ..backends.triton import selfcheck
 
         for group in groups:
-            for dtype, device in {(p.dtype, p.device) for p in group["params"]}:
+            for dtype, device in {(backends.real_dtype(p.dtype), p.device) for p in group["params"]}:
                 reason = selfcheck.verify(self._rule(group), group, dtype, device, self._init_state)
                 if reason is not None:
                     self._fall_back_to_foreach(reason)
@@ -225,6 +272,9 @@ class Optimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         try:
             self._check_params(self.param_groups[-1])
+            for i, p in enumerate(self.param_groups[-1]["params"]):
+                if p.is_complex():
+                    self._check_complex(p, self.param_groups[-1], i)
         except ValueError:
             self.param_groups.pop()
             raise
@@ -303,6 +353,8 @@ class Optimizer(torch.optim.Optimizer):
         if len(devices) != 1 or len(dtypes) != 1 or not all(states):
             return None
         (device,), (dtype,) = devices, dtypes
+        if dtype.is_complex:  # real views: the general path
+            return None
         wants = bool(group.get("master_weights", False)) and dtype in _LOW_PRECISION
         has = list(map(operator.contains, states, repeat("master_param")))
         if not (all(has) if wants else not any(has)):
@@ -334,6 +386,8 @@ class Optimizer(torch.optim.Optimizer):
                     f"{self._owner} does not support sparse gradients, but {self._param_name(group, i)} "
                     "has one: build its module with sparse=False"
                 )
+            if p.is_complex():
+                self._check_complex(p, group, i)
             state = self.state[p]
             if not state:
                 state.update(self._init_state(p, group))
@@ -342,22 +396,27 @@ class Optimizer(torch.optim.Optimizer):
                 self._scalars_to(state, p.device)
             # The same for every param of a bucket: one group, one dtype.
             master = (masters or "master_param" in state) and self._sync_master(p, state, group)
-            bucket = buckets.get((p.device, p.dtype))
+            # Complex params (and their complex state) go in as real views, in the bucket of
+            # the real dtype: the rules are elementwise on (re, im) pairs, as torch applies
+            # them (its Adam, Adagrad, RMSprop, NAdam, RAdam view_as_real everything; its SGD
+            # is linear, the same on the view), so every backend stays a real-valued rule.
+            key = (p.device, backends.real_dtype(p.dtype))
+            bucket = buckets.get(key)
             if bucket is None:
                 slots = (*keys, "master_param") if master else keys
-                bucket = buckets[(p.device, p.dtype)] = ([], [], {k: [] for k in slots}, [], [])
+                bucket = buckets[key] = ([], [], {k: [] for k in slots}, [], [])
             # Sharded (DTensor) params are updated through their local shards: the rules
             # are elementwise, and the one that is not gets the ``row_mean`` hook in step.
             if sharding.is_dtensor(p):
-                bucket[0].append(sharding.local(p))
-                bucket[1].append(sharding.local(g))
+                bucket[0].append(_real(sharding.local(p)))
+                bucket[1].append(_real(sharding.local(g)))
                 for k, values in bucket[2].items():
-                    values.append(sharding.local(state[k]))
+                    values.append(_real(sharding.local(state[k])))
             else:
-                bucket[0].append(p)
-                bucket[1].append(g)
+                bucket[0].append(_real(p))
+                bucket[1].append(_real(g.resolve_conj()) if g.is_complex() else g)
                 for k, values in bucket[2].items():
-                    values.append(state[k])
+                    values.append(_real(state[k]))
             bucket[3].append(state["step"])
             bucket[4].append(p)
         return buckets

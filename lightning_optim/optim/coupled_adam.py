@@ -64,13 +64,18 @@ class CoupledAdam(AdamW):
         coupling_scale: float = 1.0,
         master_weights: bool = False,
         backend: str = "auto",
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             maximize=maximize, decoupled_weight_decay=True, bias_correction=bias_correction,
             coupled=coupled, coupling_scale=coupling_scale, master_weights=master_weights,
         )
-        Optimizer.__init__(self, params, defaults, backend)
+        Optimizer.__init__(self, params, defaults, backend, foreach=foreach, fused=fused,
+                           capturable=capturable, differentiable=differentiable)
         if not any(g["coupled"] for g in self.param_groups):
             self._warn_once(
                 "no_coupled_group",
@@ -94,6 +99,18 @@ class CoupledAdam(AdamW):
                     f"has shape {list(p.shape)}: the second moment is shared across dim 0 (the "
                     "vocabulary rows), which a vector does not have. Leave it out of the coupled group."
                 )
+
+    def _check_complex(self, p, group, i):
+        super()._check_complex(p, group, i)
+        if group["coupled"]:
+            # The shared second moment is a mean over the rows of |g|^2 per column; on a real
+            # view it would average re and im parts as separate columns: not a rule anyone
+            # defined, so a complex coupled tensor is refused rather than updated some way.
+            raise ConfigurationError(
+                f"CoupledAdam: {self._param_name(group, i)} is {p.dtype} in a coupled group: the coupled second "
+                "moment is defined for real embeddings only. Leave it out of the coupled group (other groups "
+                "are AdamW, which takes complex parameters)."
+            )
 
     def _rule(self, group):
         return "coupled_adam" if group["coupled"] else "adam"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..validation import at_least, boolean, invalid
+from ..validation import at_least, boolean
 from .base import Optimizer
 
 
@@ -47,25 +47,26 @@ class RMSprop(Optimizer):
         maximize: bool = False,
         master_weights: bool = False,
         backend: str = "auto",
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
             centered=centered, maximize=maximize, master_weights=master_weights,
         )
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, foreach=foreach, fused=fused, capturable=capturable,
+                         differentiable=differentiable)
 
     def _validate(self, h, owner):
         h = super()._validate(h, owner)
-        # alpha > 1 gives the squared average a negative weight (sqrt of a negative: NaN), and
-        # alpha = 1 keeps it at 0 (steps of lr * g / eps); momentum >= 1 diverges.
+        # torch.optim.RMSprop's checks: alpha >= 0 and momentum >= 0, nothing above (alpha > 1
+        # gives the squared average a negative weight, momentum >= 1 sums instead of averaging,
+        # centered with alpha = 0 divides by eps: torch allows them, and so do we).
         for field in ("alpha", "momentum"):
-            value = h[field]
-            h[field] = at_least(owner, field, value)
-            if h[field] >= 1:
-                raise invalid(owner, field, value, "must be in [0, 1)")
-        if boolean(owner, "centered", h["centered"]) and h["alpha"] == 0:
-            # the centered variance is then g^2 - g^2: zero, or a rounding error below zero (NaN)
-            raise invalid(owner, "alpha", h["alpha"], "must be > 0 with centered=True")
+            h[field] = at_least(owner, field, h[field])
+        boolean(owner, "centered", h["centered"])
         return h
 
     def _state_keys(self, group):

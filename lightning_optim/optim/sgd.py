@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..validation import at_least, boolean, invalid
+from ..validation import at_least, boolean, finite, invalid
 from .base import Optimizer
 
 
@@ -45,22 +45,24 @@ class SGD(Optimizer):
         maximize: bool = False,
         master_weights: bool = False,
         backend: str = "auto",
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
             nesterov=nesterov, maximize=maximize, master_weights=master_weights,
         )
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, foreach=foreach, fused=fused, capturable=capturable,
+                         differentiable=differentiable)
 
     def _validate(self, h, owner):
         h = super()._validate(h, owner)
-        momentum, dampening = h["momentum"], h["dampening"]
-        h["momentum"] = at_least(owner, "momentum", momentum)
-        h["dampening"] = at_least(owner, "dampening", dampening)
-        if h["momentum"] >= 1:  # the buffer would sum, not average, the gradients: it diverges
-            raise invalid(owner, "momentum", momentum, "must be in [0, 1)")
-        if h["dampening"] > 1:
-            raise invalid(owner, "dampening", dampening, "must be in [0, 1]")
+        # torch.optim.SGD's checks: momentum >= 0 (1 and more are legal: the buffer then sums
+        # the gradients, which torch allows), any dampening; both finite here.
+        h["momentum"] = at_least(owner, "momentum", h["momentum"])
+        h["dampening"] = finite(owner, "dampening", h["dampening"])
         if boolean(owner, "nesterov", h["nesterov"]) and (h["momentum"] <= 0 or h["dampening"] != 0):
             raise invalid(
                 owner, "nesterov", True,
