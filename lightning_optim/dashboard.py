@@ -762,8 +762,8 @@ _READ = {
 
 def _heatmap_caption(stat: str, order: str) -> str:
     """The caption of a heatmap: what its statistic says, then how rows, cells and colors read."""
-    cells = ("over which the drift is measured" if stat == "v_drift"
-             else "its color is the value logged at the cell's right edge")
+    cells = ("the interval over which the drift is measured" if stat == "v_drift"
+             else "colored by the value logged at its right edge")
     return (f"{_READ[stat]} Rows: one per parameter tensor, {_ORDER_TEXT[order]}. Columns: each cell spans "
             f"from the previous log step to its own, {cells}; the axis ends at the run's last logged step. "
             f"{_NOT_LOGGED[0].capitalize()} ({_NOT_LOGGED[1]}): not logged at that step.")
