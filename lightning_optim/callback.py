@@ -162,6 +162,22 @@ class OptimizerCallback(Callback):
         configure_optimizers._lightning_optim_callback = self  # type: ignore[attr-defined]
         pl_module.configure_optimizers = configure_optimizers
 
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """After fit, take our configure_optimizers off the module again (the next fit puts it
+        back): it is a closure over this callback and so over the trainer, which would make
+        the trained module fail to pickle (``torch.save(model)``) and drag the trainer into a
+        ``copy.deepcopy(model)``."""
+        current = pl_module.__dict__.get("configure_optimizers")
+        if stage != "fit" or getattr(current, "_lightning_optim_callback", None) is not self:
+            return
+        original = current._lightning_optim_original
+        if (getattr(original, "__self__", None) is pl_module
+                and getattr(original, "__func__", None) is getattr(type(pl_module), "configure_optimizers", None)):
+            del pl_module.__dict__["configure_optimizers"]  # the class's method shows through again
+        else:
+            pl_module.__dict__["configure_optimizers"] = original  # the module's own attribute
+
     # Lightning checks that configure_optimizers exists before any callback hook runs, but it
     # first hands every callback the module's ``log`` (``_attach_model_logging_functions``).
     # That assignment is the earliest moment the callback sees the module, so install there;

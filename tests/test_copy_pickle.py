@@ -281,3 +281,67 @@ def test_copy_does_not_add_options():
     twin.add_param_group({"params": [extra], "coupled": True})
     opt.add_param_group({"params": [nn.Parameter(torch.ones(2, 2))], "coupled": True})
     assert twin.param_groups[-1].keys() == opt.param_groups[-1].keys()
+
+
+# ----- the Lightning callbacks --------------------------------------------------------------
+
+
+def fit(callbacks, model, steps: int = 4):
+    from lightning_helpers import data, trainer
+
+    trainer(callbacks, max_steps=steps).fit(model, data(8))
+
+
+def callbacks():
+    return [lo.OptimizerCallback(optimizer={"name": "coupled_adam", "lr": 1e-2, "backend": "foreach"},
+                                 scheduler={"name": "warmup_cosine", "warmup_steps": 2, "total_steps": 8}),
+            lo.MomentMonitor(every_n_steps=2, expensive_every_n_steps=4)]
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copied_callbacks_train_as_the_originals(how):
+    """Built from config, copied (Hydra, ddp_spawn and Lightning's tuner copy or pickle
+    callbacks) before the fit: the copies train the model bit for bit as the originals."""
+    from lightning_helpers import BareLM, flat_params
+
+    original = callbacks()
+    twins = copy.deepcopy(original) if how == "deepcopy" else pickle.loads(pickle.dumps(original))
+    a, b = BareLM(), BareLM()
+    b.load_state_dict(a.state_dict())
+    start = flat_params(a).clone()
+    fit(original, a)
+    fit(twins, b)
+    assert torch.equal(flat_params(a), flat_params(b)) and not torch.equal(flat_params(a), start)
+    assert twins[0].steps_taken == original[0].steps_taken == 4
+
+
+def test_trained_module_and_callbacks_copy_and_pickle():
+    """After fit the module is the user's again (torch.save(model) pickles it); the monitor
+    pickles and both callbacks deep-copy, with a copied optimizer that steps as the callback's."""
+    from lightning_helpers import BareLM
+
+    model, (cb, monitor) = BareLM(), callbacks()
+    fit([cb, monitor], model)
+    assert "configure_optimizers" not in vars(model)  # our closure over the callback is off again
+    again = pickle.loads(pickle.dumps(model))
+    assert torch.equal(again.embed.weight, model.embed.weight)
+    for obj in (cb, monitor):
+        copy.deepcopy(obj)
+    twin = pickle.loads(pickle.dumps(monitor))
+    assert twin.config == monitor.config
+    opt = cb.optimizer
+    snapshot = copy.deepcopy(opt)
+    for o in (opt, snapshot):
+        set_grads(params_of(o), 7)
+        o.step()
+    assert_identical(opt, snapshot)
+
+
+def test_a_second_fit_installs_the_callback_again():
+    from lightning_helpers import BareLM
+
+    model, (cb, monitor) = BareLM(), callbacks()
+    fit([cb, monitor], model, steps=2)
+    first = cb.optimizer
+    fit([cb, monitor], model, steps=4)
+    assert cb.optimizer is not first and isinstance(cb.optimizer, lo.CoupledAdam)
