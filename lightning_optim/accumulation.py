@@ -25,9 +25,12 @@ s + n``) is given one A = k for all of its batches, the smallest divisor of e wi
 ``k >= n``. Then k divides e, so Lightning steps at e; and no r in ``s + 1, ..., e - 1`` is
 a multiple of k, because the multiple of k below e is ``e - k <= e - n = s``: so exactly one
 step, at the end of the window, and DDP syncs on its last backward only. The summed
-gradient is ``sum_b g_b / k`` over the n micro-batches; at the step it is multiplied by
-``k / n`` (in ``OptimizerCallback.on_before_optimizer_step``), which gives the mean
-``sum_b g_b / n``, the gradient of the mean loss of the window. A window that the epoch end
+gradient is ``sum_b g_b / k`` over the n micro-batches; after the window's last backward
+(under DDP the one that all-reduces) it is multiplied by ``k / n``
+(``OptimizerCallback.on_after_backward``), which gives the mean ``sum_b g_b / n``, the
+gradient of the mean loss of the window, before any ``on_before_optimizer_step`` hook
+(clipping, MomentMonitor's gradient statistics) reads it. The factor is linear, so it
+commutes with DDP's averaging over ranks and with AMP's unscaling. A window that the epoch end
 cuts to m < n micro-batches is multiplied by ``k / m`` alike, so its step too sees the mean
 of the micro-batches it had. Where the window is aligned (n divides s, as always after an
 epoch start until the size changes), k = n, the factor is 1 and Lightning runs exactly as

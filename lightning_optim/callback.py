@@ -46,7 +46,7 @@ from .loggers import log_histograms, log_metrics
 from .partition import param_groups, summarize
 from .registry import REGISTRY, create_optimizer
 from .schedules import build_scheduler, describe
-from .validation import ConfigurationError
+from .validation import ConfigurationError, LightningOptimWarning
 
 log = logging.getLogger("lightning_optim")
 
@@ -355,7 +355,8 @@ class OptimizerCallback(Callback):
                     f"({self.accumulator.seen} of {self.accumulator.size} micro-batches) under "
                     f"{trainer.world_size} processes; the ranks' partial gradients are not saved, so a run "
                     "resumed from it averages only the window's micro-batches after the checkpoint. "
-                    "ModelCheckpoint(every_n_train_steps=...) writes after a step, where no window is open."
+                    "ModelCheckpoint(every_n_train_steps=...) writes after a step, where no window is open.",
+                    category=LightningOptimWarning,
                 )
             return None
         return [None if p.grad is None else p.grad.detach().clone()
@@ -390,7 +391,8 @@ class OptimizerCallback(Callback):
                     rank_zero_warn(
                         "OptimizerCallback: resuming in the middle of an accumulation window whose gradients "
                         f"the checkpoint does not hold ({self.accumulator.lost} of {self.accumulator.size} "
-                        "micro-batches lost): the window's step averages the micro-batches after the resume."
+                        "micro-batches lost): the window's step averages the micro-batches after the resume.",
+                        category=LightningOptimWarning,
                     )
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -155,14 +156,21 @@ class Recording(Regression):
 ])
 def test_accumulation_schedule_equals_sgd_on_the_mean_gradient_of_each_keyed_window(schedule, batches, epochs):
     """Plain SGD on the hand-computed mean of the micro-batch gradients of each window, as the
-    schedule keys them by optimizer step: parameters after every step to 1e-6, the number of
+    schedule keys them by optimizer step: parameters after every step to 1e-6, the gradient
+    every on_before_optimizer_step hook sees (one ahead of the callback's too), the number of
     steps, one zero_grad per window (at its first batch), and the loss and window size logged."""
     torch.manual_seed(0)
     model = Recording()
     reference = copy.deepcopy(model)
     loader = regression_data(batches=batches)
     cb = OptimizerCallback(optimizer={"name": "sgd", "lr": 0.1}, accumulation=schedule)
-    trainer([cb], max_epochs=epochs, logger=False).fit(model, loader)
+    seen_grads = []
+
+    class GradSpy(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            seen_grads.append(torch.cat([p.grad.reshape(-1) for p in pl_module.parameters()]).clone())
+
+    trainer([GradSpy(), cb], max_epochs=epochs, logger=False).fit(model, loader)
 
     windows = keyed_windows(schedule, batches, epochs)
     assert cb.steps_taken == len(model.snapshots) == len(windows)
@@ -175,13 +183,16 @@ def test_accumulation_schedule_equals_sgd_on_the_mean_gradient_of_each_keyed_win
 
     batch_list = list(loader)
     params = list(reference.parameters())
-    for window, got in zip(windows, model.snapshots):
+    assert len(seen_grads) == len(windows)
+    for window, got, grad in zip(windows, model.snapshots, seen_grads):
         mean = [torch.zeros_like(p) for p in params]
         for g in window:
             x, y = batch_list[g % batches]
             grads = torch.autograd.grad(nn.functional.mse_loss(reference.net(x), y), params)
             for m, gr in zip(mean, grads):
                 m += gr / len(window)
+        want_grad = torch.cat([m.reshape(-1) for m in mean])
+        assert (grad - want_grad).abs().max() <= 1e-6 * want_grad.abs().max(), window
         with torch.no_grad():
             for p, m in zip(params, mean):
                 p -= 0.1 * m
@@ -232,9 +243,10 @@ def test_window_cut_short_by_the_epoch_end_sees_the_mean_gradient():
 
 RESUME_SCHEDULE, RESUME_BATCHES, RESUME_EPOCHS = {0: 2, 5: 3}, 14, 2
 # Checkpoints after these global batches: 7 ends a window before the switch (mid-schedule);
-# 10 and 11 are inside the first window of 3 (batches 10-12, misaligned: k = 13); 12 ends it;
-# 13 ends the epoch on a window cut short; 15 is inside epoch 1's second window (3-5).
-RESUME_AT = (7, 10, 11, 12, 13, 15)
+# 9 ends the last window of 2, so the resumed run's first window is the first of 3; 10 and 11
+# are inside that window (batches 10-12, misaligned: k = 13); 12 ends it; 13 ends the epoch on
+# a window cut short; 15 is inside epoch 1's second window (3-5).
+RESUME_AT = (7, 9, 10, 11, 12, 13, 15)
 
 
 def resume_run(ckpt_path=None, save_at=(), out=None):
@@ -290,7 +302,7 @@ def test_resume_mid_window_without_its_gradients_warns_and_averages_what_it_has(
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             seen.append((trainer.global_step, pl_module.trainer.callbacks[0].accumulator.micro_batches))
 
-    with pytest.warns(UserWarning, match=r"resuming in the middle of an accumulation window whose gradients "
+    with pytest.warns(lo.LightningOptimWarning, match=r"resuming in the middle of an accumulation window whose gradients "
                                          r"the checkpoint does not hold \(2 of 3 micro-batches lost\)"):
         torch.manual_seed(0)
         model = Regression()
@@ -300,6 +312,27 @@ def test_resume_mid_window_without_its_gradients_warns_and_averages_what_it_has(
         trainer([cb, Spy()], max_epochs=RESUME_EPOCHS).fit(model, loader, ckpt_path=tmp_path / "lossy.ckpt")
     assert seen[0] == (5, 1)  # step 5's window (batches 10-12) holds batch 12 only
     assert not torch.equal(flat_params(model), full_params)
+
+
+def test_mid_window_checkpoint_under_several_processes_warns_and_holds_no_gradients():
+    """Each rank's open window holds its own partial sum, which one checkpoint file cannot
+    hold: the state says the window is open, carries no gradients, and the user is told once."""
+    from types import SimpleNamespace
+
+    model = Regression()
+    cb = OptimizerCallback(optimizer={"name": "sgd", "lr": 0.1}, accumulation={0: 1, 3: 4})
+    cb.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    cb._trainer = SimpleNamespace(world_size=2)
+    for b, steps in ((0, 0), (1, 1), (2, 2), (3, 3), (4, 3)):
+        cb.accumulator.on_batch_start(b, steps, 0)
+    with pytest.warns(lo.LightningOptimWarning, match=r"middle of an accumulation window \(2 of 4 micro-batches\) under 2 "
+                                         r"processes; the ranks' partial gradients are not saved"):
+        state = cb.state_dict()
+    assert state["accumulator"]["open"] is True and state["accumulated_grads"] is None
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        cb.state_dict()
+    assert again == []  # once per run, not at every save
 
 
 # ----- clipping and the non-finite guard -------------------------------------------------------
