@@ -103,6 +103,11 @@ def betas(owner: str, value: Any) -> tuple[float, float]:
     pair = tuple(value)
     if len(pair) != 2:
         raise invalid(owner, "betas", value, "must be a pair (beta1, beta2)")
+    if any(isinstance(b, torch.Tensor) for b in pair):
+        # torch keeps tensor betas to read them on the device (capturable=True); our kernels
+        # take betas as numbers, so a tensor's later in-place change would be silently lost.
+        raise invalid(owner, "betas", value, "must be a pair of numbers: tensor betas (torch's form for "
+                      "capturable=True) are not supported; pass floats, e.g. (0.9, 0.999)")
     return (unit_interval(owner, "betas[0]", pair[0]), unit_interval(owner, "betas[1]", pair[1]))
 
 

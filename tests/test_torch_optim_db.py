@@ -330,6 +330,19 @@ def _validation_cases():
                            id=f"RMSprop-centered-alpha={alpha}")
 
 
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_tensor_betas_are_refused_on_purpose(name):
+    """torch takes two 1-element tensor betas (read on the device with capturable=True); we
+    refuse them, clearly: our kernels take betas as numbers, so a later in-place change of
+    the tensors would be silently lost. torch's error inputs for mixed pairs and for tensor
+    betas with foreach=True raise a ValueError in both (test above)."""
+    betas = (torch.tensor(0.9), torch.tensor(0.99))
+    getattr(torch.optim, name)(_make_params(torch.float32), betas=betas)  # legal in torch
+    with pytest.raises(ValueError, match=re.escape(f"{name}: betas=") + r".* is invalid: must be a pair of numbers: "
+                       r"tensor betas \(torch's form for capturable=True\) are not supported"):
+        getattr(lo, name)(_make_params(torch.float32), betas=betas)
+
+
 @pytest.mark.parametrize("name, kwargs", list(_validation_cases()))
 def test_hyperparameters_are_refused_exactly_where_torch_refuses_them(name, kwargs):
     """torch.optim's constructor checks, value by value: ours raises a ValueError exactly when
@@ -355,7 +368,7 @@ TRITON = [
 
 @pytest.mark.parametrize("name, index, dtype", TRITON)
 def test_triton_matches_torch_under_the_interpreter(monkeypatch, name, index, dtype):
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", reason="Triton (the dev extra) runs the kernels in its interpreter")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     kwargs = _kwargs(_inputs(name)[index])
     expected = _run(_torch(name, {**kwargs, "foreach": True}), dtype, steps=3)
@@ -365,7 +378,7 @@ def test_triton_matches_torch_under_the_interpreter(monkeypatch, name, index, dt
 
 
 def test_triton_refuses_complex128_naming_the_fix(monkeypatch):
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", reason="Triton (the dev extra) runs the kernels in its interpreter")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(ValueError, match=re.escape("(and complex64, as float32 pairs), not ['torch.complex128']: "
                                                    "use backend='foreach'")):
@@ -375,7 +388,7 @@ def test_triton_refuses_complex128_naming_the_fix(monkeypatch):
 def test_fused_true_picks_triton_where_it_can_run(monkeypatch):
     """fused=True is the single-pass path wherever our kernels run: here CPU under the
     interpreter, standing in for CUDA (as tests/test_triton.py does for ``auto``)."""
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", reason="Triton (the dev extra) runs the kernels in its interpreter")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(backends, "AUTO_TRITON_DEVICES", {"cuda", "cpu"})
     with warnings.catch_warnings():
