@@ -268,7 +268,7 @@ class OptimizerCallback(Callback):
         if resumed_open and self._pending_grads is not None:
             # The first batch after a mid-window checkpoint: put back what the window had summed.
             params = [p for g in trainer.optimizers[0].param_groups for p in g["params"]]
-            for p, saved in zip(params, self._pending_grads):
+            for p, saved in zip(params, self._pending_grads, strict=True):
                 p.grad = None if saved is None else saved.to(device=p.device, dtype=p.dtype)
             resumed_open = False
         self._pending_grads = None
