@@ -283,6 +283,20 @@ class OptimizerCallback(Callback):
             loop._optimizer_zero_grad(batch_idx, trainer.optimizers[0])
 
     @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._release_accumulation(trainer)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._release_accumulation(trainer)
+
+    def _release_accumulation(self, trainer: pl.Trainer) -> None:
+        """Give the Trainer back its accumulate_grad_batches = 1: the last window's k left there
+        would read as the user's own setting in the next fit's setup check."""
+        if self.accumulator is not None:
+            trainer.accumulate_grad_batches = 1
+
+    @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After the window's last backward (under DDP: the synchronized one) the gradients are
         # sum_b g_b / k; make them the mean here, before any on_before_optimizer_step (the

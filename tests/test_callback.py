@@ -476,6 +476,18 @@ def test_strategy_that_accumulates_itself_is_refused_with_a_schedule():
         trainer([cb], strategy=Accumulating(device="cpu")).fit(BareLM(), data())
 
 
+def test_a_second_fit_on_the_same_trainer_keeps_the_schedule():
+    """The callback leaves the Trainer's accumulate_grad_batches at 1 after fit, so a second fit
+    on the same Trainer is not refused as 'both set', and goes on with the schedule."""
+    cb = OptimizerCallback(optimizer={"name": "sgd", "lr": 0.1}, accumulation={0: 1, 2: 3})
+    t = trainer([cb], max_epochs=1)
+    t.fit(BareLM(), data(batches=8))  # windows 0, 1, 2-4, 5-7: k = 5 and 8 for the last two
+    assert (t.accumulate_grad_batches, cb.steps_taken) == (1, 4)
+    t.fit_loop.max_epochs = 2
+    t.fit(BareLM(), data(batches=8))  # epoch 1 of the same run: windows 0-2, 3-5, 6-7
+    assert (t.accumulate_grad_batches, cb.steps_taken) == (1, 7)
+
+
 def test_trainer_accumulation_and_our_schedule_conflict():
     with pytest.raises(ValueError, match=r"accumulate_grad_batches=2.*choose one"):
         trainer([OptimizerCallback(accumulation={0: 1, 5: 2})], accumulate_grad_batches=2,
