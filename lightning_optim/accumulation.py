@@ -16,7 +16,9 @@ count of batches of the epoch so far:
 
 - it steps after the batch if ``r % A == 0`` or the batch is the epoch's last
   (``_accumulated_batches_reached``, ``_num_ready_batches_reached``); the same test
-  puts the backward of every other batch under DDP's ``no_sync``;
+  puts the backward of every batch that does not step under DDP's ``no_sync``. (A strategy
+  that accumulates itself, ``handles_gradient_accumulation``, skips all this: the callback
+  refuses a schedule with it);
 - it calls ``zero_grad`` before the backward if ``batch_idx % A == 0``;
 - it divides the loss by A before the backward (``ClosureResult.from_training_step_output``).
 
