@@ -47,17 +47,17 @@ import warnings
 import pytest
 import torch
 
-import lightning_optim as lo
-from lightning_optim import backends
-from lightning_optim.validation import ConflictingOptions, LightningOptimWarning
-from conftest import assert_rel
-
-# torch's test database (needs the ``expecttest`` package, in the dev extra).
-from torch.testing._internal.common_optimizers import (  # noqa: E402
+# torch's test database (it needs the ``expecttest`` package, in the dev extra).
+from torch.testing._internal.common_optimizers import (
     OptimizerErrorEnum,
     _get_optim_inputs_including_global_cliquey_kwargs,
     optim_db,
 )
+
+import lightning_optim as lo
+from lightning_optim import backends
+from lightning_optim.validation import ConflictingOptions, LightningOptimWarning
+from conftest import assert_rel
 
 SHARED = ("SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "NAdam", "RAdam")
 # Where our foreach backend has torch's foreach op order (module docstring).
