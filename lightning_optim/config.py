@@ -4,15 +4,29 @@
 override ``optimizer=coupled_adam optimizer.lr=3e-4`` go through the same dataclass, so a
 value is checked the same way on both paths: when the config is built, before training.
 Hydra additionally rejects unknown keys and wrong types at compose time, because these
-dataclasses are its structured-config schema (registered by :mod:`lightning_optim.train`).
+dataclasses are its structured-config schema (registered by :mod:`lightning_optim.conf`).
 
 Each ``*_config(value)`` function takes what a user may pass (None, a registry name, a
 mapping, an int for accumulation, or the dataclass) and returns the checked dataclass.
+
+Defaults have one home each, and a name means the same thing on every path: an optimizer
+name's defaults are its class's, with the registry's preset (:func:`registry.options`); a
+schedule name's are :func:`lightning_optim.schedules.defaults`; a clipping name's are
+:data:`CLIPPING_PRESETS`; every other field's is the dataclass field's. The YAML files in
+``lightning_optim/conf/`` list the same values (``tests/test_hydra.py`` compares them, and
+the README tables, to these).
+
+Errors name the config node the bad value was written in, whichever layer finds it: a bad
+``betas`` in the ``optimizer`` node reads ``optimizer: betas[1]=1.5 is invalid: ...`` whether
+the schema or the optimizer class caught it (:func:`node_error`). The class's own name
+(``AdamW: betas[1]=...``) appears only where the class is called directly, without a node.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import re
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -24,8 +38,43 @@ from . import registry
 from .accumulation import AccumulationSchedule
 from .clipping import GradientClipper
 from .schedules import SCHEDULES, check_schedule
+from .schedules import defaults as schedule_defaults
 from .stats import STATS
-from .validation import at_least, boolean, choice, invalid, positive, suggest
+from .validation import ConfigurationError, at_least, boolean, choice, invalid, positive, suggest
+
+# The components whose errors belong to a config node other than their own name: the
+# optimizer classes (and create_optimizer) report on the ``optimizer`` node, param_groups on
+# ``partition``, the statistics on ``monitor``. See :func:`node_error`.
+COMPONENT_NODES: dict[str, str] = {
+    **{entry.cls.__name__: "optimizer" for entry in registry.REGISTRY.values()},
+    "create_optimizer": "optimizer",
+    "param_groups": "partition",
+    "MomentStats": "monitor",
+    "MomentMonitor": "monitor",
+}
+# ``Owner: `` or ``Owner group 'name': `` at the start of a message (validation.invalid's shape).
+_OWNER = re.compile(r"^(?P<owner>[A-Za-z_][\w.]*)(?: group '[^']*')?: (?P<rest>.*)$", re.DOTALL)
+
+
+def node_error(err: BaseException, node: str | None = None, field_prefix: str = "",
+               nodes: Mapping[str, str] = COMPONENT_NODES) -> ConfigurationError:
+    """``err`` as reported by the config node its value was written in.
+
+    The prefix is chosen so that one node has one name in every message: ``node`` when the
+    caller knows which node the value came from (the optimizer node's own checks pass
+    ``"optimizer"``), else the node ``nodes`` (:data:`COMPONENT_NODES`) gives for the component
+    named at the start of the message (``AdamW: ...`` -> ``optimizer: ...``, ``param_groups: ...`` ->
+    ``partition: ...``); a message from a component that is no one node's (e.g.
+    ``OptimizerCallback: Trainer(gradient_clip_val=1.0) and clipping mode 'norm' are both set``)
+    keeps its name. ``field_prefix`` is put before the field (``rules[0].`` for a partition
+    rule's option). The result is a :class:`ConfigurationError` with the same requirement text.
+    """
+    message = str(err)
+    match = _OWNER.match(message)
+    if match is None:  # not the Owner: field=value shape; still say whose it is
+        return ConfigurationError(f"{node}: {message}" if node else message)
+    owner = node or nodes.get(match["owner"], match["owner"])
+    return ConfigurationError(f"{owner}: {field_prefix}{match['rest']}")
 
 
 @dataclass
@@ -68,10 +117,13 @@ class OptimizerConfig:
         if self.lr is not None:
             positive("optimizer", "lr", self.lr)
         # The optimizer's own checks, run once on a placeholder tensor, so that a bad value
-        # fails here, with the optimizer's message, and not after the model is built.
+        # fails here, with the optimizer's message under this node's name, not after the model is built.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            registry.create_optimizer(self.name, [torch.zeros(1, requires_grad=True)], **kwargs)
+            try:
+                registry.create_optimizer(self.name, [torch.zeros(1, requires_grad=True)], **kwargs)
+            except ConfigurationError as err:
+                raise node_error(err, "optimizer") from err
 
     def kwargs(self) -> dict[str, Any]:
         """The hyperparameters that were set, ready for ``create_optimizer``."""
@@ -87,19 +139,25 @@ class SchedulerConfig:
     """The ``scheduler`` node: a multiplier of every group's lr per optimizer step.
 
     ``total_steps: None`` takes the trainer's total optimizer steps (from ``max_steps``,
-    or counted from the epochs and the accumulation schedule).
+    or counted from the epochs and the accumulation schedule). The other fields left ``None``
+    take the schedule's default, :func:`lightning_optim.schedules.defaults` (the one table
+    of them: ``scheduler="warmup_cosine"`` here and ``scheduler=warmup_cosine`` in Hydra
+    are the same schedule); once built, every field but ``total_steps`` holds a value.
     """
 
     name: str = "constant"
     total_steps: Optional[int] = None
-    warmup_steps: int = 0
-    decay: float = 0.0
-    step_size: int = 1
-    gamma: float = 1.0
-    min_lr_ratio: float = 0.0
+    warmup_steps: Optional[int] = None
+    decay: Optional[float] = None
+    step_size: Optional[int] = None
+    gamma: Optional[float] = None
+    min_lr_ratio: Optional[float] = None
 
     def __post_init__(self) -> None:
         choice("scheduler", "name", self.name, SCHEDULES)
+        for key, value in schedule_defaults(self.name).items():
+            if key != "total_steps" and getattr(self, key) is None:
+                setattr(self, key, value)
         total = 10**12 if self.total_steps is None else self.total_steps  # None: the trainer's, known later
         check_schedule(self.name, **self.options(total_steps=total))
 
@@ -213,7 +271,10 @@ class PartitionConfig:
                      "name": rule.get("group", rule.get("match", f"rules[{i}]"))}
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                registry.create_optimizer(optimizer.name, [group], **optimizer.kwargs())
+                try:
+                    registry.create_optimizer(optimizer.name, [group], **optimizer.kwargs())
+                except ConfigurationError as err:  # the rule's value, e.g. its lr: this node's, rules[i]
+                    raise node_error(err, "partition", f"rules[{i}].") from err
 
 
 @dataclass
@@ -309,7 +370,21 @@ def scheduler_config(value: Any) -> SchedulerConfig:
     return _coerce("scheduler", SchedulerConfig, value)
 
 
+# Hydra's clipping=<name> options, which the Python API takes by the same names
+# (``clipping="norm"``); conf/clipping/<name>.yaml holds exactly these values.
+CLIPPING_PRESETS: dict[str, dict[str, Any]] = {
+    "none": {"mode": "none"},
+    "value": {"mode": "value", "max_value": 1.0},
+    "norm": {"mode": "norm", "max_norm": 1.0},
+    "per_group": {"mode": "norm", "max_norm": 1.0, "per_group": {"embedding": 0.5}},
+}
+
+
 def clipping_config(value: Any) -> ClippingConfig:
+    """A mapping, the dataclass, or a name of :data:`CLIPPING_PRESETS` (``"norm"`` is
+    ``{"mode": "norm", "max_norm": 1.0}``, as Hydra's ``clipping=norm``)."""
+    if isinstance(value, str) and value in CLIPPING_PRESETS:
+        return ClippingConfig(**copy.deepcopy(CLIPPING_PRESETS[value]))
     return _coerce("clipping", ClippingConfig, value, name_field="mode")
 
 

@@ -3,7 +3,7 @@
 ``t`` counts the optimizer steps already taken (0-based): ``lr_factor(name, 0)`` scales the
 lr of the very first step. With ``w = warmup_steps``, ``T = total_steps``, ``r = min_lr_ratio``:
 
-Warmup (every schedule takes ``warmup_steps``, default 0 = none; Goyal et al. 2017, "Accurate,
+Warmup (every schedule takes ``warmup_steps``, default 0 = none, 100 for ``warmup_*``; Goyal et al. 2017, "Accurate,
 Large Minibatch SGD", sec. 2.2, gradual warmup; the GPT-3 / nanoGPT form)::
 
     t < w:   (t + 1) / w                  the first step gets lr/w, not 0; step w-1 gets lr
@@ -26,15 +26,23 @@ rising lr). ``cosine`` with ``warmup_steps > 0`` is the same curve as ``warmup_c
 ``warmup_*`` names exist so that choosing one and forgetting the warmup is an error rather
 than a silent run without warmup.
 
-Options each schedule reads (setting any other option to a non-default value is an error,
-so that ``gamma=0.5`` on a cosine schedule cannot be silently ignored):
+Options each schedule reads, with the default it takes when the option is not given
+(setting any other option to a value other than its neutral default in :data:`DEFAULTS` is an
+error, so that ``gamma=0.5`` on a cosine schedule cannot be silently ignored)::
 
-    constant       warmup_steps
-    time_decay     warmup_steps, decay (>= 0)
-    step           warmup_steps, step_size (int >= 1), gamma (in (0, 1])
-    exponential    warmup_steps, gamma (in (0, 1])
-    cosine, warmup_cosine, warmup_linear
-                   total_steps (required), warmup_steps, min_lr_ratio (in [0, 1])
+    constant       warmup_steps=0
+    time_decay     warmup_steps=0, decay=0.01 (>= 0)
+    step           warmup_steps=0, step_size=100 (int >= 1), gamma=0.5 (in (0, 1])
+    exponential    warmup_steps=0, gamma=0.99 (in (0, 1])
+    cosine         total_steps (required), warmup_steps=0, min_lr_ratio=0.0 (in [0, 1])
+    warmup_cosine, warmup_linear
+                   total_steps (required), warmup_steps=100, min_lr_ratio=0.0
+
+:func:`defaults` is the one table of these defaults: the ``scheduler`` config node
+(:class:`lightning_optim.config.SchedulerConfig`, hence ``OptimizerCallback`` and Hydra's
+``scheduler=<name>``, whose YAML files list the same values), :class:`Schedule`,
+:func:`build_scheduler`, :func:`lr_factor` and :func:`check_schedule` all take an option
+left out (or ``None``) from it, so a name means the same schedule on every path.
 
 ``total_steps`` is accepted by every schedule (the Lightning callback passes the trainer's
 estimate to all of them); where it is given, ``warmup_steps < total_steps`` is required.
@@ -66,7 +74,7 @@ SCHEDULES: tuple[str, ...] = (
     "constant", "time_decay", "step", "exponential", "cosine", "warmup_cosine", "warmup_linear",
 )
 
-# Defaults of every option; an option a schedule does not read must stay at its default.
+# The neutral value of every option: what an option a schedule does not read must stay at.
 DEFAULTS: dict[str, Any] = {
     "total_steps": None,
     "warmup_steps": 0,
@@ -76,8 +84,21 @@ DEFAULTS: dict[str, Any] = {
     "min_lr_ratio": 0.0,
 }
 
+# The defaults of the options a schedule reads, where they differ from the neutral value: a
+# step or exponential schedule that never decays, or a warmup_* schedule without warmup,
+# would be a schedule in name only.
+PRESETS: dict[str, dict[str, Any]] = {
+    "constant": {},
+    "time_decay": {"decay": 0.01},
+    "step": {"step_size": 100, "gamma": 0.5},
+    "exponential": {"gamma": 0.99},
+    "cosine": {},
+    "warmup_cosine": {"warmup_steps": 100},
+    "warmup_linear": {"warmup_steps": 100},
+}
+
 # total_steps is absent: every schedule accepts it (see the module docstring).
-_READS: dict[str, frozenset[str]] = {
+READS: dict[str, frozenset[str]] = {
     "constant": frozenset({"warmup_steps"}),
     "time_decay": frozenset({"warmup_steps", "decay"}),
     "step": frozenset({"warmup_steps", "step_size", "gamma"}),
@@ -86,8 +107,16 @@ _READS: dict[str, frozenset[str]] = {
     "warmup_cosine": frozenset({"warmup_steps", "min_lr_ratio"}),
     "warmup_linear": frozenset({"warmup_steps", "min_lr_ratio"}),
 }
+_READS = READS
 _NEEDS_TOTAL = frozenset({"cosine", "warmup_cosine", "warmup_linear"})
 _NEEDS_WARMUP = frozenset({"warmup_cosine", "warmup_linear"})
+
+
+def defaults(name: str) -> dict[str, Any]:
+    """Every option of schedule ``name`` with the value it takes when not given: the neutral
+    :data:`DEFAULTS`, with the schedule's own :data:`PRESETS` over the options it reads."""
+    choice(OWNER, "name", name, SCHEDULES)
+    return {**DEFAULTS, **PRESETS[name]}
 
 
 def _integer(field: str, value: Any, low: int) -> int:
@@ -110,8 +139,15 @@ def _normalize(
     name: Any, total_steps: Any, warmup_steps: Any, decay: Any, step_size: Any, gamma: Any,
     min_lr_ratio: Any,
 ) -> dict[str, Any]:
-    """Validate every option and return them converted (ints as int, reals as float)."""
-    choice(OWNER, "name", name, SCHEDULES)
+    """Validate every option and return them converted (ints as int, reals as float); an
+    option given as ``None`` takes the schedule's default (:func:`defaults`)."""
+    base = defaults(name)
+    total_steps = base["total_steps"] if total_steps is None else total_steps
+    warmup_steps = base["warmup_steps"] if warmup_steps is None else warmup_steps
+    decay = base["decay"] if decay is None else decay
+    step_size = base["step_size"] if step_size is None else step_size
+    gamma = base["gamma"] if gamma is None else gamma
+    min_lr_ratio = base["min_lr_ratio"] if min_lr_ratio is None else min_lr_ratio
     opts: dict[str, Any] = {
         "total_steps": None if total_steps is None else _integer("total_steps", total_steps, 1),
         "warmup_steps": _integer("warmup_steps", warmup_steps, 0),
@@ -145,13 +181,14 @@ def check_schedule(
     name: str,
     *,
     total_steps: int | None = None,
-    warmup_steps: int = 0,
-    decay: float = 0.0,
-    step_size: int = 1,
-    gamma: float = 1.0,
-    min_lr_ratio: float = 0.0,
+    warmup_steps: int | None = None,
+    decay: float | None = None,
+    step_size: int | None = None,
+    gamma: float | None = None,
+    min_lr_ratio: float | None = None,
 ) -> None:
-    """Raise ``ValueError`` (``scheduler: field=value is invalid: ...``) on any bad option."""
+    """Raise ``ValueError`` (``scheduler: field=value is invalid: ...``) on any bad option.
+    Options left ``None`` take the schedule's default (:func:`defaults`)."""
     _normalize(name, total_steps, warmup_steps, decay, step_size, gamma, min_lr_ratio)
 
 
@@ -166,11 +203,11 @@ class Schedule:
 
     name: str
     total_steps: int | None = None
-    warmup_steps: int = 0
-    decay: float = 0.0
-    step_size: int = 1
-    gamma: float = 1.0
-    min_lr_ratio: float = 0.0
+    warmup_steps: int | None = None  # None: the schedule's default (see defaults())
+    decay: float | None = None
+    step_size: int | None = None
+    gamma: float | None = None
+    min_lr_ratio: float | None = None
 
     def __post_init__(self) -> None:
         opts = _normalize(self.name, self.total_steps, self.warmup_steps, self.decay,
@@ -231,13 +268,14 @@ def lr_factor(
     t: int,
     *,
     total_steps: int | None = None,
-    warmup_steps: int = 0,
-    decay: float = 0.0,
-    step_size: int = 1,
-    gamma: float = 1.0,
-    min_lr_ratio: float = 0.0,
+    warmup_steps: int | None = None,
+    decay: float | None = None,
+    step_size: int | None = None,
+    gamma: float | None = None,
+    min_lr_ratio: float | None = None,
 ) -> float:
-    """The multiplier of the base lr at optimizer step ``t`` (0-based), options validated."""
+    """The multiplier of the base lr at optimizer step ``t`` (0-based), options validated
+    (those left ``None`` take the schedule's default)."""
     schedule = Schedule(name, total_steps, warmup_steps, decay, step_size, gamma, min_lr_ratio)
     return schedule(_integer("t", t, 0))
 

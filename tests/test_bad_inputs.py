@@ -35,7 +35,7 @@ from torch import nn
 import lightning_optim as lo
 from lightning_optim import config as C
 from lightning_optim.callback import MomentMonitor, OptimizerCallback
-from lightning_optim.registry import REGISTRY, create_optimizer, options
+from lightning_optim.registry import create_optimizer, options
 from lightning_optim.validation import ConfigurationError
 from lightning_helpers import BareLM, data, flat_params, trainer
 
@@ -140,7 +140,7 @@ def _rule_with(field: str) -> str:
 def _optimizer_field_cases():
     for field in _FIELDS:
         name = _rule_with(field)
-        owner = REGISTRY[name].cls.__name__
+        owner = "optimizer"  # the node's name, also where the optimizer class finds the value
         default = options(name)[field]
         if isinstance(default, bool):
             for bad in ("yes", 1):
@@ -152,7 +152,7 @@ def _optimizer_field_cases():
         else:
             bad, requirement = "abc", "must be a number"
         yield Case(f"optimizer.{field}={bad!r}", opt(name=name, **{field: bad}), ConfigurationError,
-                   shape("optimizer" if field == "lr" else owner, field, bad, requirement))
+                   shape(owner, field, bad, requirement))
         bad, requirement = _OUT_OF_RANGE[field]
         if field == "lr":
             pattern = shape("optimizer", "lr", bad, lit("must be > 0"))
@@ -182,11 +182,11 @@ OPTIMIZER_CASES = [
     Case("optimizer.lr huge int", opt(name="adamw", lr=10**400), ConfigurationError,
          shape("optimizer", "lr", 10**400, "must be a finite number")),
     Case("optimizer.coupling_scale=inf", opt(name="coupled_adam", coupling_scale=float("inf")), ConfigurationError,
-         shape("CoupledAdam", "coupling_scale", float("inf"), "must be finite")),
+         shape("optimizer", "coupling_scale", float("inf"), "must be finite")),
     Case("optimizer.nesterov without momentum", opt(name="sgd", nesterov=True), ConfigurationError,
-         shape("SGD", "nesterov", True, r"Nesterov momentum needs momentum > 0 .*got momentum=0\.0")),
+         shape("optimizer", "nesterov", True, r"Nesterov momentum needs momentum > 0 .*got momentum=0\.0")),
     Case("optimizer.betas 3 values", opt(name="adamw", betas=[0.9, 0.99, 0.999]), ConfigurationError,
-         shape("AdamW", "betas", [0.9, 0.99, 0.999], lit("must be a pair (beta1, beta2)"))),
+         shape("optimizer", "betas", [0.9, 0.99, 0.999], lit("must be a pair (beta1, beta2)"))),
     Case("optimizer node not a mapping", lambda: C.optimizer_config(3.5), ConfigurationError,
          shape("optimizer", "optimizer", 3.5, "must be a name, a mapping or an OptimizerConfig")),
     Case("create_optimizer mapping without name", lambda: create_optimizer({"lr": 0.1}, nn.Linear(2, 2)),
@@ -233,7 +233,7 @@ SCHEDULER_CASES = [
          shape("scheduler", "warmup_steps", 1.5, "must be an integer")),
     Case("scheduler warmup longer than total", sched(name="warmup_cosine", warmup_steps=100, total_steps=50), E,
          shape("scheduler", "warmup_steps", 100, lit("must be < total_steps=50"))),
-    Case("scheduler warmup_cosine without warmup", sched(name="warmup_cosine", total_steps=50), E,
+    Case("scheduler warmup_cosine without warmup", sched(name="warmup_cosine", warmup_steps=0, total_steps=50), E,
          shape("scheduler", "warmup_steps", 0, lit("'warmup_cosine' needs warmup_steps >= 1"))),
     Case("scheduler.decay=-1", sched(name="time_decay", decay=-1), E, shape("scheduler", "decay", -1, "must be >= 0")),
     Case("scheduler.decay str", sched(name="time_decay", decay="x"), E, shape("scheduler", "decay", "x", "must be a number")),
@@ -319,7 +319,7 @@ PARTITION_CASES = [
     Case("partition rule option of another rule", callback(partition={"rules": [{"match": "head.*", "momentum": 0.9}]}), E,
          shape("partition", "rules[0].momentum", 0.9, lit("adamw has no option 'momentum'"))),
     Case("partition rule bad value", callback(partition={"rules": [{"match": "norm.*", "lr": -1}]}), E,
-         shape("AdamW group 'norm.*'", "lr", -1, "must be >= 0")),
+         shape("partition", "rules[0].lr", -1, "must be >= 0")),
     Case("param_groups rule with match and module", lambda: lo.param_groups(nn.Linear(2, 2), rules=[{"match": "*", "module": "Linear"}]),
          E, shape("param_groups", "rules[0]", {"match": "*", "module": "Linear"}, "needs exactly one of 'match'")),
     Case("param_groups unknown module type", lambda: lo.param_groups(nn.Linear(2, 2), rules=[{"module": "Linaer"}]),
@@ -486,7 +486,7 @@ def _compose(*overrides: str):
 @pytest.mark.parametrize("overrides, match", [
     (["optimizer=adam", "optimizer.momentum=0.9"], shape("optimizer", "momentum", 0.9, "adam has no option 'momentum'")),
     (["clipping=norm", "clipping.mode=nrom"], shape("clipping", "mode", "nrom", r".*did you mean 'norm'")),
-    (["optimizer=sgd", "optimizer.nesterov=true"], shape("SGD", "nesterov", True, "Nesterov momentum needs momentum > 0")),
+    (["optimizer=sgd", "optimizer.nesterov=true"], shape("optimizer", "nesterov", True, "Nesterov momentum needs momentum > 0")),
     (["accumulation.schedule=[[0,1],[50,4],[20,8]]"], r"keys must increase, but 20 comes after 50"),
 ], ids=["momentum-on-adam", "clipping-mode-typo", "nesterov-without-momentum", "accumulation-out-of-order"])
 def test_hydra_overrides_fail_when_the_callback_is_built(overrides, match):

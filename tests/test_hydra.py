@@ -3,6 +3,7 @@ and conf/ shipped in the wheel."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,10 +12,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import lightning_optim as lo
-from lightning_optim.registry import options
+from lightning_optim.registry import create_optimizer, options
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "lightning_optim" / "conf"
@@ -55,25 +57,100 @@ def test_train_runs_with_coupled_adam_and_writes_the_dashboard(tmp_path):
         assert pixels.std() > 5, png.name
 
 
-@pytest.mark.parametrize(
-    "override, message",
-    [
-        ("optimizer=nonexistent", "Could not find 'optimizer/nonexistent'"),
-        ("optimizer.lr=-1", "optimizer: lr=-1.0 is invalid: must be > 0"),
-        ("optimizer.betas=[0.9,1.5]", "betas[1]=1.5 is invalid: must be in [0, 1)"),
-        ("optimizer.lrr=1", "Key 'lrr' not in 'OptimizerConfig'"),
-        ("optimizer.lr=abc", "optimizer.lr"),
-        ("clipping.max_norm=0", "max_norm=0.0 is invalid"),
-        ("scheduler=cosine scheduler.min_lr_ratio=2", "min_lr_ratio=2.0 is invalid"),
-        ("accumulation.schedule=[[0,1],[10,0]]", "must be an int >= 1"),
-    ],
-)
-def test_bad_overrides_exit_with_one_paragraph(tmp_path, override, message):
-    proc = run(["-m", "lightning_optim.train", *override.split(), f"hydra.run.dir={tmp_path}"], tmp_path)
-    assert proc.returncode != 0
+# ----- a bad config: exit 2, one paragraph that names the node, nothing written ------------------------
+
+# (overrides, the whole message): one owner per config node, whichever layer finds the value
+# (the schema, the optimizer class, the callback on the model, the Trainer); see
+# lightning_optim.config.node_error. A message about two nodes names the component that saw both.
+NODE_ERRORS = [
+    ("optimizer.lr=-1", "optimizer: lr=-1.0 is invalid: must be > 0"),
+    ("optimizer.betas=[0.9,1.5]", "optimizer: betas[1]=1.5 is invalid: must be in [0, 1)"),  # the class's check
+    ("optimizer=sgd optimizer.nesterov=true", "optimizer: nesterov=True is invalid: Nesterov momentum needs momentum > 0"),
+    ("optimizer=coupled_adam optimizer.coupling_scale=0", "optimizer: coupling_scale=0.0 is invalid: must be > 0"),
+    ("optimizer=adam optimizer.momentum=0.9", "optimizer: momentum=0.9 is invalid: adam has no option 'momentum'"),
+    ("optimizer.backend=foreac", "optimizer: backend='foreac' is invalid: must be one of auto, reference, foreach, triton"),
+    ("scheduler=cosine scheduler.min_lr_ratio=2", "scheduler: min_lr_ratio=2.0 is invalid: must be in [0, 1]"),
+    ("scheduler=cosine scheduler.gamma=0.5", "scheduler: gamma=0.5 is invalid: 'cosine' does not use it"),
+    ("scheduler=warmup_cosine trainer.max_steps=50",  # found when the optimizer is built on the model
+     "scheduler: warmup_steps=100 is invalid: must be < total_steps=50 (this run takes 50 optimizer steps)"),
+    ("clipping.max_norm=0", "clipping: max_norm=0.0 is invalid: must be > 0"),
+    ("accumulation.schedule=[[0,1],[10,0]]", "accumulation: schedule[10]=0 is invalid: must be an int >= 1"),
+    ("partition.weight_decay=-1", "partition: weight_decay=-1.0 is invalid: must be >= 0"),
+    ("partition.rules=[{match:'h.*',lr:-1}]", "partition: rules[0].lr=-1 is invalid: must be >= 0"),  # the class's check
+    ("partition.rules=[{match:'haed.*',lr:0.1}]",  # param_groups, on the model
+     "partition: rules[0]={'match': 'haed.*', 'lr': 0.1} is invalid: matches no trainable parameter"),
+    ("monitor.every_n_steps=0", "monitor: every_n_steps=0 is invalid: must be an int >= 1"),
+    ("logger.name=csvv", "logger: name='csvv' is invalid: must be one of csv, tensorboard, wandb (did you mean 'csv'?)"),
+    ("+trainer.max_stepss=5", "trainer: Trainer.__init__() got an unexpected keyword argument 'max_stepss'"),
+    ("data.vocab_size=100", "data: vocab_size=100 is invalid: must be an int >= 257"),
+    ("data.batch_size=0", "data: batch_size=0 is invalid: must be an int >= 1"),
+    ("model.d_model=31", "model: d_model=31 is invalid: must be a multiple of n_heads=2"),
+    ("trainer.gradient_clip_val=1.0",
+     "OptimizerCallback: Trainer(gradient_clip_val=1.0) and clipping mode 'norm' are both set: choose one"),
+]
+
+
+@pytest.fixture(scope="module")
+def small_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("corpus_cache")
+
+
+@pytest.mark.parametrize("overrides, message", NODE_ERRORS, ids=[o for o, _ in NODE_ERRORS])
+def test_check_names_the_node_of_the_bad_value(overrides, message, small_cache, tmp_path, monkeypatch):
+    """``train.check`` (what the entry point runs before Hydra makes the run directory) on the
+    composed config: the message, exactly, and nothing written."""
+    from lightning_optim.train import check
+    from lightning_optim.validation import ConfigurationError
+
+    monkeypatch.chdir(tmp_path)
+    cfg = compose(*SMALL_JOB, f"data.cache_dir={small_cache}", *overrides.split())
+    with pytest.raises(ConfigurationError) as info:
+        check(cfg)
+    assert str(info.value).startswith(message), str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_check_passes_a_good_config_and_writes_nothing(small_cache, tmp_path, monkeypatch):
+    from lightning_optim.train import check
+
+    monkeypatch.chdir(tmp_path)
+    check(compose(*SMALL_JOB, f"data.cache_dir={small_cache}", "scheduler=warmup_cosine", "scheduler.warmup_steps=10",
+                  "trainer.max_steps=50", "logger=wandb"))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ("optimizer=schema", "Could not find 'optimizer/schema'"),  # Hydra's own composition error
+    ("optimizer.betas=[0.9,1.5]", "lightning_optim.train: invalid configuration: optimizer: betas[1]=1.5 is invalid"),
+    ("scheduler=warmup_cosine trainer.max_steps=50",
+     "lightning_optim.train: invalid configuration: scheduler: warmup_steps=100 is invalid: must be < total_steps=50"),
+], ids=["schema", "node", "run-length"])
+def test_bad_overrides_exit_2_with_one_paragraph_and_no_directory(tmp_path, overrides, message):
+    """Run from a fresh directory with the default run directory (runs/<date>): nothing appears."""
+    proc = run(["-m", "lightning_optim.train", *SMALL_JOB, *overrides.split()], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) <= 25
+    assert {p.name for p in tmp_path.iterdir()} <= {"corpus_cache"}  # no runs/, no .hydra, no log
+
+
+def test_the_schemas_are_no_group_option():
+    """The dataclass schemas are stored outside the groups, so Hydra offers only the YAML files."""
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lightning_optim.conf import SCHEMAS, schema_name
+
+    with initialize_config_module(version_base=None, config_module="lightning_optim.conf"):
+        loader = GlobalHydra.instance().config_loader()
+        groups = loader.list_groups("")
+        for group in ("optimizer", "scheduler", "clipping", "accumulation", "partition", "monitor", "logger", "trainer"):
+            assert group in groups
+            assert loader.get_group_options(group) == sorted(p.stem for p in (CONF / group).glob("*.yaml")), group
+        assert all("schema" not in g for g in groups)
+        for group in SCHEMAS:  # each schema is a root-level config, no group's option
+            assert schema_name(group) in loader.get_group_options("")
 
 
 def foreign(tmp_path, *overrides, env=None):
@@ -118,7 +195,7 @@ def test_conf_ships_in_the_wheel_and_works_from_an_install(tmp_path):
 def test_optimizer_yaml_matches_the_registry(name):
     """Each conf/optimizer file names its rule and lists every option at its default."""
     node = yaml.safe_load((CONF / "optimizer" / f"{name}.yaml").read_text())
-    assert node.pop("defaults") == ["schema", "_self_"]
+    assert node.pop("defaults") == ["/lightning_optim_optimizer_schema@_here_", "_self_"]
     assert node.pop("name") == name
     expected = {k: list(v) if isinstance(v, tuple) else v for k, v in options(name).items() if k != "coupled"}
     assert node == expected
@@ -134,6 +211,69 @@ def compose(*overrides):
 
     with initialize_config_module(version_base=None, config_module="lightning_optim.conf"):
         return hydra_compose("config", overrides=list(overrides))
+
+
+# ----- one source of truth for every default --------------------------------------------------------
+
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and list(p.glob("*.yaml")))
+# The groups whose option names the Python API takes as well (optimizer="adamw",
+# scheduler="warmup_cosine", clipping="norm"): the YAML must be exactly what that name gives.
+NAMED = {"optimizer": "optimizer_config", "scheduler": "scheduler_config", "clipping": "clipping_config"}
+# The groups whose node is a dataclass: their default option is the dataclass's defaults,
+# and every option sets dataclass fields only.
+DEFAULT_OPTION = {"accumulation": "none", "partition": "default", "monitor": "default", "clipping": "none"}
+
+
+def test_the_groups_are_what_the_tests_know():
+    assert GROUPS == ["accumulation", "clipping", "logger", "monitor", "optimizer", "partition", "scheduler", "trainer"]
+    from lightning_optim.conf import SCHEMAS
+
+    assert set(SCHEMAS) == set(NAMED) | set(DEFAULT_OPTION)
+
+
+@pytest.mark.parametrize("group, option", [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))])
+def test_every_group_option_agrees_with_the_python_path(group, option):
+    """Hydra's ``group=option`` and the Python API agree on every value: the YAML files, the
+    dataclasses of lightning_optim/config.py and the Python defaults (registry, schedules)."""
+    from omegaconf import OmegaConf
+
+    from lightning_optim import config as C
+    from lightning_optim.conf import SCHEMAS
+
+    node = OmegaConf.to_container(compose(f"{group}={option}")[group], resolve=True)
+    raw = yaml.safe_load((CONF / group / f"{option}.yaml").read_text())
+    written = {k: v for k, v in raw.items() if k != "defaults"}
+    if group in NAMED and group != "optimizer":  # OptimizerConfig keeps None for "the rule's default": below
+        from_name = getattr(C, NAMED[group])(option)
+        built = getattr(C, NAMED[group])(node)
+        assert built == from_name, (built, from_name)
+    if group == "optimizer":  # the same optimizer, with the same defaults, from the YAML and from the name
+        def params():  # a coupled group, so that CoupledAdam does not warn that it is AdamW
+            return [{"params": [torch.nn.Parameter(torch.zeros(2, 2))], "coupled": option == "coupled_adam"}]
+
+        assert create_optimizer(node, params()).defaults == create_optimizer(option, params()).defaults
+    if group == "scheduler":  # every option the schedule reads, at its default, and nothing else
+        from lightning_optim.schedules import READS, defaults
+
+        assert written == {"name": option, "total_steps": None, **{k: defaults(option)[k] for k in sorted(READS[option])}}
+    if group in DEFAULT_OPTION:
+        fields = {f.name for f in dataclasses.fields(SCHEMAS[group])}
+        assert set(written) <= fields, set(written) - fields
+        if option == DEFAULT_OPTION[group]:  # the group's default option is the dataclass's defaults
+            assert getattr(C, f"{group}_config")(node) == getattr(C, f"{group}_config")(None)
+    if group == "logger":
+        from lightning_optim.loggers import LOGGERS, build_logger
+
+        assert node["name"] == option and option in LOGGERS
+        build_logger(node, "unused")  # builds; writes nothing until it logs
+    if group == "trainer":  # keyword arguments of lightning.Trainer, nothing else
+        import inspect
+
+        import lightning.pytorch as pl
+
+        assert set(node) <= set(inspect.signature(pl.Trainer.__init__).parameters), set(node)
+    for key, value in written.items():  # what the file says is what composes
+        assert node[key] == value, (key, node[key], value)
 
 
 GROUP_OPTIONS = [(group, p.stem) for group in ("optimizer", "scheduler", "clipping", "accumulation")

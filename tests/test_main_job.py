@@ -130,6 +130,15 @@ def test_shortened_main_job_writes_checkpoint_metrics_and_dashboard(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "corpus: first run" in proc.stdout and "Zipf exponent" in proc.stdout
+    # The progress bar (Lightning's TQDM bar, on stdout) counts the run's steps in epoch 0; Lightning's
+    # Rich bar, its default when rich is installed, titled it "Epoch 0/-2".
+    assert "Epoch 0: 100%" in proc.stdout and "| 6/6 [" in proc.stdout
+    assert "Epoch 0/" not in proc.stdout + proc.stderr
+    # The run's log file holds the run's log lines: Lightning's, the optimizer's one-line summary, the paths.
+    log = (out / "train.log").read_text()
+    assert "OptimizerCallback: the module defines no configure_optimizers(); using CoupledAdam(lr=0.001" in log
+    assert "`Trainer.fit` stopped: `max_steps=6` reached." in log
+    assert f"checkpoint:    {out / 'checkpoints' / 'last.ckpt'}" in log
     assert list((tmp_path / "cache").glob("corpus-*/meta.json"))  # the corpus went to the env's cache
     assert (out / "checkpoints" / "last.ckpt").is_file()
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
@@ -145,3 +154,24 @@ def test_shortened_main_job_writes_checkpoint_metrics_and_dashboard(tmp_path):
 
     for png in figures:  # each figure drawn, not blank
         assert np.asarray(Image.open(png).convert("L"), dtype=float).std() > 5, png.name
+
+
+def test_the_progress_bar_of_a_max_steps_run(corpus, tmp_path):
+    """max_epochs=-1 with max_steps (the main job's trainer node): the bar says "Epoch 0" and
+    counts to max_steps, as Lightning's TQDM bar formats it (Lightning's Rich bar would say
+    "Epoch 0/-2", max_epochs - 1)."""
+    from hydra import compose, initialize_config_module
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from lightning_optim.train import prepare
+
+    with initialize_config_module(version_base=None, config_module="lightning_optim.conf"):
+        cfg = compose("config", overrides=[*SMALL_JOB, f"data.cache_dir={corpus.path.parent}", "trainer.max_steps=3",
+                                           "trainer.val_check_interval=3", "monitor=off"])
+    assert (cfg.trainer.max_epochs, cfg.trainer.max_steps) == (-1, 3)
+    job = prepare(cfg, tmp_path / "run")
+    bar = job.trainer.progress_bar_callback
+    assert type(bar) is TQDMProgressBar
+    job.trainer.fit(job.model, job.train, job.val)
+    assert bar.train_progress_bar.desc == "Epoch 0: "
+    assert (bar.train_progress_bar.n, bar.train_progress_bar.total) == (3, 3)

@@ -51,7 +51,7 @@ TABLE = [
     ("step", {"step_size": 3, "gamma": 0.5}, 9, 0.125),
     ("step", {"step_size": 3, "gamma": 0.5, "warmup_steps": 2}, 4, 1.0),
     ("step", {"step_size": 3, "gamma": 0.5, "warmup_steps": 2}, 5, 0.5),
-    ("step", {}, 1000, 1.0),  # gamma defaults to 1: no decay
+    ("step", {}, 1000, 0.5**10),  # the defaults (schedules.defaults): x0.5 every 100 steps
     ("exponential", {"gamma": 0.5}, 0, 1.0),
     ("exponential", {"gamma": 0.5}, 1, 0.5),
     ("exponential", {"gamma": 0.5}, 3, 0.125),
@@ -264,8 +264,10 @@ ERRORS = [
      "warmup_steps=10 is invalid: must be < total_steps=10"),
     ("constant", {"total_steps": 5, "warmup_steps": 7},
      "warmup_steps=7 is invalid: must be < total_steps=5"),
-    ("warmup_cosine", {"total_steps": 10},
+    ("warmup_cosine", {"total_steps": 10, "warmup_steps": 0},
      "warmup_steps=0 is invalid: 'warmup_cosine' needs warmup_steps >= 1"),
+    ("warmup_cosine", {"total_steps": 10},  # the default warmup, 100 steps, is longer than the run
+     "warmup_steps=100 is invalid: must be < total_steps=10"),
     ("warmup_linear", {"total_steps": 10, "warmup_steps": 0}, "warmup_steps=0 is invalid"),
     ("time_decay", {"decay": -0.1}, "decay=-0.1 is invalid: must be >= 0"),
     ("time_decay", {"decay": float("nan")}, "decay=nan is invalid"),

@@ -27,11 +27,22 @@ SCHEMAS = {
 }
 
 
+def schema_name(group: str) -> str:
+    """The ConfigStore name of ``group``'s schema, e.g. ``lightning_optim_optimizer_schema``."""
+    return f"lightning_optim_{group}_schema"
+
+
 def register_configs() -> None:
-    """Store each dataclass as ``<group>/schema``; the YAML files extend it."""
+    """Store each dataclass as a root-level config, ``schema_name(group)``; every YAML file of
+    the group extends it (``- /lightning_optim_<group>_schema@_here_`` in its defaults list).
+
+    Not as ``<group>/schema``: a config stored inside a group is one of that group's options,
+    so ``optimizer=schema`` would compose (and run the dataclass defaults, AdamW) and Hydra's
+    ``--help`` would list it among the choices. A root-level config is no group's option.
+    """
     cs = ConfigStore.instance()
     for group, node in SCHEMAS.items():
-        cs.store(group=group, name="schema", node=node)
+        cs.store(name=schema_name(group), node=node)
 
 
 register_configs()
