@@ -4,24 +4,50 @@
 trainable parameter lands in exactly one group, frozen ones (``requires_grad=False``) in none.
 Without rules the groups are, in this order (empty ones dropped):
 
-- ``embedding``: weights of ``nn.Embedding`` modules, and so an output head tied to one (the
-  same tensor): ``coupled=True, weight_decay=0.0``.
-- ``no_decay``: tensors with fewer than 2 dims (biases, norm scales): ``weight_decay=0.0``.
+- ``embedding``: the output (un)embedding, the V x H matrix whose rows the logits are taken
+  against: ``coupled=True, weight_decay=0.0``. Found as (see :func:`find_unembedding`)
+  1. tied: an ``nn.Embedding`` weight that a module other than an embedding also holds (the
+     head of weight tying, Press & Wolf 2017), counted once; else
+  2. untied: the ``nn.Linear`` whose ``out_features`` is the ``num_embeddings`` of an
+     ``nn.Embedding`` of the model (the vocabulary) and that is named like a head (``lm_head``,
+     ``head``, ``output``, ``decoder``, ``embed_out``, ``unembed``), else the model's last
+     ``nn.Linear`` if its ``out_features`` is such a vocabulary size.
+  A model with neither (a CNN, a classifier) has no such group; when coupling was asked for,
+  the ``lightning_optim`` logger says so once per model.
+- ``no_decay``: tensors with fewer than 2 dims (biases, norm scales) and the weights of every
+  other embedding (position, token-type, an untied input embedding): ``weight_decay=0.0``.
 - ``decay``: the rest, with ``weight_decay`` only when one is given (else the optimizer's).
 
 Why. Decay on a bias or a normalization scale fights the normalization, which rescales the
 activations anyway, so it only adds a pull towards zero that the loss must undo. Decoupled
 decay shrinks every embedding row each step while a rare token's row only gets a gradient now
 and then, so embeddings are not decayed (minGPT's and the original nanoGPT's
-``configure_optimizers``, after GPT-2). ``coupled=True`` marks the group for ``CoupledAdam``:
-Adam's per-coordinate second moment makes all embedding vectors drift in a common direction,
-and sharing it over the vocabulary removes that (Stollenwerk & Stollenwerk 2025, "Better
-Embeddings with Coupled Adam", arXiv:2502.08441). Other optimizers warn once that they treat
-it as an ordinary group; ``create_optimizer(name, model)`` sets it only for CoupledAdam.
+``configure_optimizers``, after GPT-2). ``coupled=True`` marks the group for ``CoupledAdam``,
+which shares the second moment over the vocabulary rows. Stollenwerk & Stollenwerk (2025),
+"Better Embeddings with Coupled Adam", arXiv:2502.08441: Sec. 1 sets the scene (the embedding
+matrix maps tokens in, the unembedding maps the hidden state out to the vocabulary, and weight
+tying makes them one matrix); the analysis before the experiments (Secs. 2-3) follows the
+softmax gradient into the unembedding's rows, whose sum is zero and so cannot move their mean
+under SGD, but whose per-row second moments make Adam move rare rows further, shifting the mean
+(anisotropy). So the matrix to couple is the unembedding, and only it. The authors' code
+(github.com/flxst/coupled-adam, nanoGPT/model.py ``configure_optimizers`` at commit ba54c74)
+gives CoupledAdam exactly the parameter named ``*.wte.weight`` (nanoGPT's token embedding, tied
+to ``lm_head``), with no weight decay; the position embedding ``wpe`` stays with the other
+matrices under AdamW. Here ``wpe`` goes to ``no_decay`` (no decay, as for every embedding) and
+is not coupled. Other optimizers warn once that they treat ``coupled`` as an ordinary option;
+``create_optimizer(name, model)`` sets it only for CoupledAdam.
 
-Rules come before the defaults and the first matching rule wins, like optax labels. A rule's
-group gets exactly the options the rule gives: it does not inherit the ``embedding`` or
-``no_decay`` defaults, so write ``weight_decay=0.0`` in a rule that takes biases if you want it.
+To couple something else (an untied input embedding too, or a head the rules above miss), give
+a rule: ``rules=[{"match": "tok_emb.weight", "coupled": True, "weight_decay": 0.0}]``. Rules
+come before the defaults and the first matching rule wins, like optax labels. A rule's group
+gets exactly the options the rule gives: it does not inherit the ``embedding`` or ``no_decay``
+defaults, so write ``weight_decay=0.0`` in a rule that takes biases if you want it.
+
+Logging. The ``lightning_optim`` logger is set up as Lightning sets up ``lightning.pytorch``:
+level INFO, and its records print on stderr (the message alone) unless logging is configured,
+i.e. the logger or the root logger has a handler, in which case they go there. Unlike
+Lightning, which decides once when it is imported, this is decided per record, so
+``logging.basicConfig`` called later still takes over. Only global rank 0 logs.
 """
 
 from __future__ import annotations
@@ -32,7 +58,10 @@ import fnmatch
 import functools
 import importlib
 import logging
+import os
+import sys
 import warnings
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -40,11 +69,62 @@ from torch import nn
 
 from lightning_optim.validation import LightningOptimWarning, at_least, boolean, invalid, suggest
 
-__all__ = ["param_groups", "summarize"]
+__all__ = ["param_groups", "summarize", "find_unembedding"]
 
 OWNER = "param_groups"
 _RESERVED = ("params", "param_names", "name")
+# Last names of an untied output head in common code: ours and nanoGPT (``head``/``lm_head``),
+# Hugging Face (``lm_head``), Meta's Llama (``output``), Lightning's demo Transformer and
+# torch's word_language_model (``decoder``), GPT-NeoX (``embed_out``), TransformerLens (``unembed``).
+HEAD_NAMES = ("lm_head", "head", "output", "decoder", "embed_out", "unembed")
+_EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
+
+
+class _Console(logging.Handler):
+    """Lightning's console setup for its own logger, decided per record rather than at import.
+
+    ``lightning.pytorch`` sets its logger to INFO and, if the root logger has no handler when it
+    is imported, adds a ``StreamHandler`` and stops propagation. This handler prints a record
+    on stderr, the message alone as Lightning's info lines are, unless a handler other than
+    this one would get it (on its logger or on an ancestor it propagates to): then logging is
+    configured and the record goes there only. ``sys.stderr`` is looked up at each record so
+    that a redirected stderr (pytest's ``capsys``, a notebook) gets it.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logger: logging.Logger | None = logging.getLogger(record.name)
+        while logger is not None:
+            if any(h is not self for h in logger.handlers):
+                return
+            logger = logger.parent if logger.propagate else None
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:  # noqa: BLE001  logging must never raise into training
+            self.handleError(record)
+
+
 _logger = logging.getLogger("lightning_optim")
+if _logger.level == logging.NOTSET:
+    _logger.setLevel(logging.INFO)
+if not any(type(h).__name__ == "_Console" for h in _logger.handlers):  # once, even across reloads
+    _logger.addHandler(_Console())
+_told: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # models already told they have no unembedding
+
+
+def _rank() -> int:
+    """The global rank, as Lightning's ``rank_zero_only`` finds it before any process group."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
+def _info(message: str) -> None:
+    if _rank() == 0:
+        _logger.info(message)
 
 
 def param_groups(
@@ -68,6 +148,10 @@ def param_groups(
     trainable parameter raises, one that earlier rules fully shadow warns. Each group is
     ``{"name": ..., "params": [...], "param_names": [...], **options}``; ``param_names`` is what
     torch>=2.6 optimizers keep in their state_dict, so checkpoints name their tensors.
+
+    ``coupled``: the ``embedding`` group's ``coupled`` option (the group holds the output
+    embedding only, see :func:`find_unembedding`). ``log``: one summary line (:func:`summarize`)
+    on the ``lightning_optim`` logger, printed like Lightning's own info lines.
     """
     if not isinstance(module, nn.Module):
         raise invalid(OWNER, "module", module, "must be a torch.nn.Module")
@@ -95,12 +179,14 @@ def param_groups(
         if options.setdefault(r.group, r.options) != r.options:
             raise invalid(OWNER, r.field, r.shown, f"group {r.group!r} already has options "
                           f"{options[r.group]!r}; rules sharing a group name must give equal options")
-    embeddings = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
+    unembedding = find_unembedding(module)
+    embeddings = {id(m.weight) for m in module.modules() if isinstance(m, _EMBEDDINGS)}
     defaults = {"embedding": {"coupled": coupled, "weight_decay": 0.0}, "no_decay": {"weight_decay": 0.0},
                 "decay": {} if weight_decay is None else {"weight_decay": weight_decay}}
     members: dict[str, list[tuple[str, Any]]] = {name: [] for name in [*options, *defaults]}
     for n, p in trainable:
-        default = "embedding" if id(p) in embeddings else "no_decay" if p.dim() < 2 else "decay"
+        default = ("embedding" if id(p) in unembedding else
+                   "no_decay" if p.dim() < 2 or id(p) in embeddings else "decay")
         members[hits[n][0].group if hits[n] else default].append((n, p))
 
     for r in rules_:
@@ -122,9 +208,51 @@ def param_groups(
     groups = [{"name": name, "params": [p for _, p in members[name]],
                "param_names": [n for n, _ in members[name]], **opts}
               for name, opts in options.items() if members[name]]
+    if coupled and not unembedding and module not in _told and not any(g.get("coupled") for g in groups):
+        _told.add(module)  # once per model: the callback and the user may both partition it
+        has = any(isinstance(m, _EMBEDDINGS) for m in module.modules())
+        _info(f"{OWNER}: {type(module).__name__} has no recognisable output embedding ("
+              f"{'no nn.Embedding tied to a head, no head nn.Linear with a vocabulary of outputs' if has else 'no nn.Embedding'}), "
+              "so no tensor is coupled; couple one with a rule such as "
+              "{'match': '<name>.weight', 'coupled': True, 'weight_decay': 0.0}")
     if log:
-        _logger.info(summarize(groups))
+        _info(summarize(groups))
     return groups
+
+
+def find_unembedding(module: nn.Module) -> dict[int, str]:
+    """``{id(tensor): name}`` of the tensors that serve as ``module``'s output (un)embedding.
+
+    1. Tied: each ``nn.Embedding`` weight that a module other than an embedding also holds
+       (an output head sharing the tensor), under its first name. If any, that is the answer.
+    2. Untied: among the ``nn.Linear`` modules whose ``out_features`` equals the
+       ``num_embeddings`` of an embedding of the model (a vocabulary size), the last one named
+       like a head (:data:`HEAD_NAMES`, the last part of its name), else the model's last
+       ``nn.Linear`` if it is such a module. Requiring the vocabulary size keeps a classifier's
+       head out; requiring the head name or the last place keeps out an MLP layer whose width
+       happens to equal some embedding's size (a position table of 4 x d_model rows).
+
+    Frozen tensors are never returned. An empty dict: no recognisable unembedding.
+    """
+    holders: dict[int, list[nn.Module]] = {}
+    for m in module.modules():
+        for p in m.parameters(recurse=False):
+            holders.setdefault(id(p), []).append(m)
+    names = {id(p): n for n, p in module.named_parameters() if p.requires_grad}
+    embeddings = [m for m in module.modules() if isinstance(m, _EMBEDDINGS)]
+    tied = {id(m.weight): names[id(m.weight)] for m in embeddings if id(m.weight) in names
+            and any(not isinstance(h, _EMBEDDINGS) for h in holders[id(m.weight)])}
+    if tied:
+        return tied
+    vocab = {m.num_embeddings for m in embeddings}
+    linears = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+    heads = [(n, m) for n, m in linears if m.out_features in vocab and id(m.weight) in names]
+    named = [(n, m) for n, m in heads if n.rpartition(".")[2] in HEAD_NAMES]
+    if named:
+        return {id(named[-1][1].weight): names[id(named[-1][1].weight)]}
+    if linears and heads and heads[-1][1] is linears[-1][1]:
+        return {id(heads[-1][1].weight): names[id(heads[-1][1].weight)]}
+    return {}
 
 
 def summarize(groups: Sequence[Mapping[str, Any]]) -> str:

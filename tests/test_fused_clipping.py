@@ -32,7 +32,7 @@ def _interpreter(monkeypatch):
 
 def _model(dtype: torch.dtype) -> nn.Module:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Embedding(11, 6), nn.LayerNorm(6), nn.Linear(6, 7))
+    model = nn.Sequential(nn.Embedding(11, 6), nn.LayerNorm(6), nn.Linear(6, 7), nn.Linear(7, 11))  # 3: the LM head
     return model.to(dtype)
 
 

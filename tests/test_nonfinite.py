@@ -41,6 +41,8 @@ class Small(nn.Module):
         self.embed = nn.Embedding(10, 4)
         self.lin = nn.Linear(4, 4)
         self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 10, bias=False)  # tied: the embedding is the unembedding, no new numbers
+        self.head.weight = self.embed.weight
 
 
 def _small(name: str, dtype: torch.dtype = torch.float32, **options):
@@ -279,7 +281,10 @@ def test_embedding_rows_without_gradient_for_200_steps(name, embedding_decay):
     shared row is positive."""
     torch.manual_seed(0)
     module = Bag()
-    opt = create_optimizer({"name": name, "lr": 1e-2}, module)
+    # An input embedding (the head is a classifier's): coupled only by a rule, as the README says.
+    couples = name == "coupled_adam"
+    rule = {"match": "embed.weight", "group": "embedding", "coupled": couples, "weight_decay": 0.0}
+    opt = create_optimizer({"name": name, "lr": 1e-2}, lo.param_groups(module, rules=[rule], coupled=couples))
     embedding = next(g for g in opt.param_groups if g["name"] == "embedding")
     assert embedding.get("coupled", False) == (name == "coupled_adam")
     embedding["weight_decay"] = embedding_decay

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from lightning_optim.partition import param_groups, summarize
+from lightning_optim.models import TinyGPT
+from lightning_optim.partition import find_unembedding, param_groups, summarize
 from lightning_optim.validation import LightningOptimWarning
 
 raises = functools.partial(pytest.raises, ValueError)
@@ -60,14 +64,77 @@ def test_default_partition_names_membership_and_options():
     groups = param_groups(model, weight_decay=0.1)
     assert [g["name"] for g in groups] == ["embedding", "no_decay", "decay"]
     assert names(groups) == {
-        "embedding": ["tok.weight", "pos.weight"],  # the tied head weight once, under its first name
-        "no_decay": NO_DECAY,
+        "embedding": ["tok.weight"],  # the tied head weight once, under its first name
+        "no_decay": ["pos.weight", *NO_DECAY],  # the position embedding: not decayed, not coupled
         "decay": ["block.fc.weight", "block.proj.weight"],
     }
     assert [options(g) for g in groups] == [
         {"coupled": True, "weight_decay": 0.0}, {"weight_decay": 0.0}, {"weight_decay": 0.1}]
     for g in groups:  # names and tensors line up
         assert all(t is model.get_parameter(n) for n, t in zip(g["param_names"], g["params"]))
+
+
+class Untied(nn.Module):
+    """A token and a position table, an MLP whose width equals the position table's rows, and
+    the heads named in ``heads`` (name -> out_features), registered in that order."""
+
+    def __init__(self, heads: dict[str, int], vocab: int = 50, d: int = 8, ctx: int = 32) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(ctx, d)
+        self.fc, self.proj = nn.Linear(d, ctx), nn.Linear(ctx, d)  # fc.out_features == ctx rows
+        for name, out in heads.items():
+            self.add_module(name, nn.Linear(d, out, bias=False))
+
+
+def unembedding_names(model: nn.Module) -> list[str]:
+    return sorted(find_unembedding(model).values())
+
+
+def _tiny_gpt(tied: bool) -> nn.Module:
+    model = TinyGPT(vocab=50, d_model=8, n_layers=1, n_heads=2, seq_len=32)
+    if not tied:
+        model.head = nn.Linear(8, 50, bias=False)
+    return model
+
+
+def _frozen_tied() -> nn.Module:
+    model = TinyLM()
+    model.tok.weight.requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize("build, expected", [
+    (TinyLM, ["tok.weight"]),  # tied: the shared tensor, under its first name
+    (lambda: _tiny_gpt(tied=True), ["wte.weight"]),  # the main job's model
+    (lambda: _tiny_gpt(tied=False), ["head.weight"]),
+    (lambda: Untied({"lm_head": 50}), ["lm_head.weight"]),  # named and last
+    (lambda: Untied({"lm_head": 50, "value_head": 1}), ["lm_head.weight"]),  # named, not last
+    (lambda: Untied({"readout": 50}), ["readout.weight"]),  # last, sized to the vocabulary
+    (lambda: Untied({"readout": 50, "score": 1}), []),  # neither named nor last
+    (lambda: Untied({"classifier": 10}), []),  # a classifier: fc (32 = ctx outputs) is not last
+    (lambda: Untied({"classifier": 32}), ["classifier.weight"]),  # last with a table's size: taken
+    (lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 10)), []),
+    (_frozen_tied, []),  # a frozen tied tensor is nobody's to couple; the untied search finds no head
+])
+def test_find_unembedding(build, expected):
+    assert unembedding_names(build()) == expected
+
+
+def test_untied_head_is_coupled_and_the_input_embeddings_are_not():
+    groups = param_groups(Untied({"lm_head": 50}), weight_decay=0.1)
+    assert names(groups) == {"embedding": ["lm_head.weight"], "no_decay": ["tok.weight", "pos.weight", "fc.bias",
+                                                                           "proj.bias"],
+                             "decay": ["fc.weight", "proj.weight"]}
+    assert [options(g) for g in groups] == [
+        {"coupled": True, "weight_decay": 0.0}, {"weight_decay": 0.0}, {"weight_decay": 0.1}]
+
+
+def test_a_rule_couples_something_else_too():
+    """The README's way to couple a tensor the default leaves alone: a rule with coupled=True."""
+    rules = [{"match": "tok.weight", "group": "input_embedding", "coupled": True, "weight_decay": 0.0}]
+    groups = param_groups(Untied({"lm_head": 50}), rules=rules)
+    assert names(groups)["input_embedding"] == ["tok.weight"] and names(groups)["embedding"] == ["lm_head.weight"]
+    assert options(groups[0]) == {"coupled": True, "weight_decay": 0.0}
 
 
 def test_every_trainable_param_exactly_once_and_frozen_excluded():
@@ -103,7 +170,7 @@ def test_adamw_steps_and_keeps_param_names():
     model(torch.randint(0, 50, (2, 4))).square().mean().backward()
     opt.step()
     assert [g["name"] for g in opt.param_groups] == ["embedding", "no_decay", "decay"]
-    assert opt.param_groups[0]["param_names"] == ["tok.weight", "pos.weight"]
+    assert opt.param_groups[0]["param_names"] == ["tok.weight"]
     assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.0, 0.1]
     assert opt.param_groups[0]["coupled"] is True
     assert not torch.equal(model.tok.weight, before)
@@ -114,8 +181,9 @@ def test_glob_rule_takes_precedence_and_does_not_inherit_defaults():
     groups = param_groups(TinyLM(), rules=[{"match": "block.fc.*", "lr": 1e-4}])
     assert names(groups) == {
         "block.fc.*": ["block.fc.weight", "block.fc.bias"],
-        "embedding": ["tok.weight", "pos.weight"],
-        "no_decay": ["block.norm.weight", "block.norm.bias", "block.proj.bias", "ln_f.weight", "ln_f.bias"],
+        "embedding": ["tok.weight"],
+        "no_decay": ["pos.weight", "block.norm.weight", "block.norm.bias", "block.proj.bias", "ln_f.weight",
+                     "ln_f.bias"],
         "decay": ["block.proj.weight"],
     }
     assert options(groups[0]) == {"lr": 1e-4}  # no weight_decay=0.0 for the bias: rules give all options
@@ -124,7 +192,7 @@ def test_glob_rule_takes_precedence_and_does_not_inherit_defaults():
 def test_glob_is_case_sensitive_and_matches_tied_aliases():
     groups = param_groups(TinyLM(), rules=[{"match": "lm_head.weight", "lr": 1e-4}])
     assert names(groups)["lm_head.weight"] == ["tok.weight"]
-    assert names(groups)["embedding"] == ["pos.weight"]
+    assert "embedding" not in names(groups) and names(groups)["no_decay"][0] == "pos.weight"
     with raises(match=r"rules\[0\]=\{'match': 'LM_HEAD\.\*'\} is invalid"):
         param_groups(TinyLM(), rules=[{"match": "LM_HEAD.*"}])
 
@@ -135,7 +203,7 @@ def test_module_rule_by_class_name_and_dotted_path(spec):
     groups = param_groups(TinyLM(), rules=[{"module": spec, "weight_decay": 0.0, "lr": 3e-4}])
     assert groups[0] == {**groups[0], "name": "LayerNorm", "weight_decay": 0.0, "lr": 3e-4}
     assert groups[0]["param_names"] == ["block.norm.weight", "block.norm.bias", "ln_f.weight", "ln_f.bias"]
-    assert names(groups)["no_decay"] == ["block.fc.bias", "block.proj.bias"]
+    assert names(groups)["no_decay"] == ["pos.weight", "block.fc.bias", "block.proj.bias"]
 
 
 class Gain(nn.Module):
@@ -161,8 +229,8 @@ def test_mapping_shorthand():
     assert names(groups) == {
         "block.*.weight": ["block.norm.weight", "block.fc.weight", "block.proj.weight"],
         "LayerNorm": ["block.norm.bias", "ln_f.weight", "ln_f.bias"],
-        "embedding": ["tok.weight", "pos.weight"],
-        "no_decay": ["block.fc.bias", "block.proj.bias"],
+        "embedding": ["tok.weight"],
+        "no_decay": ["pos.weight", "block.fc.bias", "block.proj.bias"],
     }
     assert [options(g) for g in groups[:2]] == [{"lr": 1e-3}, {"weight_decay": 0.0}]
 
@@ -185,7 +253,8 @@ def test_custom_group_name_and_merging_of_equal_options():
                                         "block.proj.weight", "block.proj.bias"]
     assert options(groups[0]) == {"lr": 1e-3}
     # a rule named like a default group merges with it when the options agree
-    assert groups[1]["param_names"] == ["block.norm.weight", "block.norm.bias", "ln_f.weight", "ln_f.bias"]
+    assert groups[1]["param_names"] == ["pos.weight", "block.norm.weight", "block.norm.bias", "ln_f.weight",
+                                        "ln_f.bias"]
 
 
 def test_same_group_name_with_different_options_is_an_error():
@@ -303,10 +372,10 @@ TINY_SUMMARY = "param groups: no_decay 1 tensor / 2 params, decay 1 tensor / 6 p
 
 
 def test_summarize_exact_line():
-    model = nn.Sequential(nn.Embedding(100, 32), nn.LayerNorm(32), nn.Linear(32, 1540))
-    # embedding 3200; no_decay 32 + 32 + 1540 = 1604; decay 32 * 1540 = 49280
+    model = nn.Sequential(nn.Embedding(100, 32), nn.LayerNorm(32), nn.Linear(32, 1540), nn.Linear(1540, 100))
+    # embedding (the untied head) 1540 * 100; no_decay 3200 + 32 + 32 + 1540 + 100 = 4904; decay 32 * 1540
     assert summarize(param_groups(model)) == (
-        "param groups: embedding 1 tensor / 3.2K params, no_decay 3 tensors / 1.6K params, "
+        "param groups: embedding 1 tensor / 154.0K params, no_decay 5 tensors / 4.9K params, "
         "decay 1 tensor / 49.3K params")
     tiny = nn.Linear(3, 2)
     assert summarize(param_groups(tiny)) == TINY_SUMMARY
@@ -321,16 +390,64 @@ def test_summarize_units(n, text):
     assert summarize([{"name": "g", "params": [Shape()]}]) == f"param groups: g 1 tensor / {text} params"
 
 
+NO_HEAD = ("param_groups: {} has no recognisable output embedding ({}), so no tensor is coupled; couple one "
+           "with a rule such as {{'match': '<name>.weight', 'coupled': True, 'weight_decay': 0.0}}")
+
+
+def records(caplog) -> list[tuple[str, int, str]]:
+    return [(r.name, r.levelno, r.getMessage()) for r in caplog.records]
+
+
 def test_log_true_emits_the_summary(caplog):
     tiny = nn.Linear(3, 2)
     with caplog.at_level(logging.INFO, logger="lightning_optim"):
-        param_groups(tiny, log=True)
-    assert [(r.name, r.levelno, r.getMessage()) for r in caplog.records] == [
-        ("lightning_optim", logging.INFO, TINY_SUMMARY)]
+        param_groups(tiny, log=True, coupled=False)
+    assert records(caplog) == [("lightning_optim", logging.INFO, TINY_SUMMARY)]
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="lightning_optim"):
-        param_groups(tiny)
+        param_groups(tiny, coupled=False)
     assert caplog.records == []
+
+
+def test_no_unembedding_is_said_once_per_model_when_coupling_is_asked_for(caplog):
+    with caplog.at_level(logging.INFO, logger="lightning_optim"):
+        tiny, classifier = nn.Linear(3, 2), nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3))
+        param_groups(tiny, log=True)
+        param_groups(tiny)  # the same model again: already said
+        param_groups(classifier)
+        param_groups(nn.Linear(3, 2), coupled=False)  # nothing to couple was asked for
+        param_groups(nn.Linear(3, 2), rules=[{"match": "weight", "coupled": True}])  # a rule couples
+        param_groups(TinyLM())  # has one
+    assert records(caplog) == [
+        ("lightning_optim", logging.INFO, NO_HEAD.format("Linear", "no nn.Embedding")),
+        ("lightning_optim", logging.INFO, TINY_SUMMARY),
+        ("lightning_optim", logging.INFO, NO_HEAD.format(
+            "Sequential", "no nn.Embedding tied to a head, no head nn.Linear with a vocabulary of outputs")),
+    ]
+
+
+def test_log_prints_on_stderr_like_lightning_unless_logging_is_configured(capsys, monkeypatch):
+    """Nothing configured (no handler on the root logger): the line is on stderr, as Lightning's
+    info lines are. A handler configured (pytest's own, here): it goes there, not twice."""
+    param_groups(nn.Linear(3, 2), log=True, coupled=False)
+    assert capsys.readouterr().err == ""  # pytest's capture handler is on the root logger
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    param_groups(nn.Linear(3, 2), log=True, coupled=False)
+    assert capsys.readouterr().err == TINY_SUMMARY + "\n"
+    monkeypatch.setenv("RANK", "1")  # only global rank 0 logs, as rank_zero_info
+    param_groups(nn.Linear(3, 2), log=True, coupled=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_log_is_visible_in_a_fresh_interpreter_without_lightning():
+    """End to end: nobody configured logging, and ``import lightning_optim`` loads no Lightning."""
+    code = ("import sys, torch, lightning_optim as lo; lo.param_groups(torch.nn.Linear(3, 2), log=True); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')))")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "SLURM_PROCID")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "[]\n"
+    assert out.stderr == NO_HEAD.format("Linear", "no nn.Embedding") + "\n" + TINY_SUMMARY + "\n"
 
 
 def test_deterministic_order():

@@ -91,7 +91,7 @@ def test_table_covers_every_rule_and_field():
 def test_defaults_construct_cleanly(name):
     """Control for the table below: the defaults raise and warn nothing, so each failure
     there comes from the one field the case changes."""
-    model = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 2))
+    model = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 5))  # the head: CoupledAdam's coupled group
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt = create_optimizer(name, model)
@@ -134,7 +134,7 @@ def test_betas_in_a_group_are_checked_like_defaults():
 @pytest.mark.parametrize("name", NAMES)
 def test_add_param_group_rejects_bad_group_and_keeps_the_optimizer_intact(name):
     entry = REGISTRY[name]
-    model = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 2))
+    model = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 5))
     opt = create_optimizer(name, model)
     before = [dict(g) for g in opt.param_groups]
     with pytest.raises(ValueError, match=re.escape(f"{entry.cls.__name__} group 'extra': lr=-1 is invalid")):
@@ -217,6 +217,8 @@ class SparseModel(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.emb = nn.Embedding(10, 4, sparse=True)
+        self.head = nn.Linear(4, 10, bias=False)  # tied, so CoupledAdam has its coupled group
+        self.head.weight = self.emb.weight
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -18,7 +18,7 @@ def main(cfg: DictConfig) -> None:
     callback = lo.OptimizerCallback(
         optimizer=cfg.optimizer, scheduler=cfg.scheduler, clipping=cfg.clipping, accumulation=cfg.accumulation
     )
-    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 2))
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 10))  # 2: the LM head
     opt = lo.create_optimizer(cfg.optimizer, model)
     print(json.dumps({
         "app": cfg.app_name,
