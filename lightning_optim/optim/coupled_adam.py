@@ -23,12 +23,32 @@ class CoupledAdam(AdamW):
               \quad \text{(broadcast over the rows)}
 
     Stollenwerk & Stollenwerk (2025), "Better Embeddings with Coupled Adam",
-    arXiv:2502.08441, Sec. 4: Adam's per-row second moment makes rare tokens' embeddings
-    move more than frequent ones', the sum of updates does not cancel, and the mean
-    embedding drifts away from the origin (anisotropy). Averaging the second moment over
-    the vocabulary gives every row the same scale. The paper averages a full V x H
-    second moment; because the mean over rows commutes with the EMA, keeping only
-    :math:`\bar v` is exactly that, in H instead of V x H floats.
+    arXiv:2502.08441. The matrix is the output (un)embedding: Sec. 1 introduces it (tied to
+    the input embedding by weight tying), and the analysis before the experiments (Secs. 2-3;
+    the experiments are Sec. 4) shows that the softmax gradients of its rows sum to zero, so
+    SGD keeps their mean in place, while Adam's per-row second moment makes rare tokens' rows
+    move more than frequent ones', the updates no longer cancel, and the mean embedding
+    drifts away from the origin (anisotropy). Averaging the second moment over the vocabulary
+    gives every row the same scale. The paper averages a full V x H second moment; because the
+    mean over rows commutes with the EMA, keeping only :math:`\bar v` is exactly that, in H
+    instead of V x H floats.
+
+    Where we differ from the authors' code on purpose (github.com/flxst/coupled-adam,
+    ``nanoGPT/coupled_adam.py`` at commit ba54c74). There the coupling is four lines in
+    ``_multi_tensor_adamw`` (the foreach path; the single-tensor and fused paths raise
+    ``RuntimeError("FUNC = ...")`` on entry, so foreach is the only one that runs), in the
+    non-capturable branch and only in the ``else`` of ``if amsgrad:``: it replaces each
+    tensor's ``exp_avg_sq`` in the update by ``avg_scale`` times its mean over dim 0, while
+    the state keeps the full V x H moment. So with ``amsgrad=True`` their optimizer does not
+    couple at all (it divides by the running maximum of the full per-coordinate moment), nor
+    with ``capturable=True``. Here AMSGrad couples too: the running maximum is taken of the
+    shared row, :math:`\bar v^{max}_t = \max(\bar v^{max}_{t-1}, \bar v_t)`, and the
+    update divides by it; every backend couples the same way. Their ``avg_scale`` is our ``coupling_scale``
+    (a per-group option here, one per optimizer there). Which tensor they couple is chosen in
+    ``nanoGPT/model.py`` ``configure_optimizers``: the parameter named ``*.wte.weight``, the
+    token embedding tied to ``lm_head``, alone in the CoupledAdam optimizer, without weight
+    decay by default; :func:`lightning_optim.param_groups` couples the same tensor by default
+    (see :func:`lightning_optim.partition.find_unembedding`).
 
     Under FSDP2 (a ``DTensor`` sharded ``Shard(0)``, each rank holding a block of rows) the
     mean is over the global vocabulary: each rank sums :math:`g^2` over its rows, one
@@ -36,7 +56,8 @@ class CoupledAdam(AdamW):
     (:func:`lightning_optim.sharding.row_mean`); :math:`\bar v` is a replicated DTensor.
 
     Groups without ``coupled=True`` are plain AdamW. :func:`lightning_optim.param_groups`
-    puts embeddings (and tied output heads) in a coupled group.
+    puts the output embedding (the token embedding tied to the head, or an untied head) in a
+    coupled group, and nothing else unless a partition rule says ``coupled=True``.
 
     Args:
         As :class:`AdamW`, plus group options ``coupled`` (default False) and
