@@ -8,7 +8,11 @@ The backend's function is not pickled but re-bound from the backend's name; a tr
 from __future__ import annotations
 
 import copy
+import os
 import pickle
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -211,6 +215,41 @@ def test_copy_of_an_optimizer_with_a_scheduler_steps_itself(how):
     assert all(torch.equal(p, q) for p, q in zip(before, params_of(opt)))  # the original did not move
     train(opt, range(2, 4))
     assert_identical(opt, twin)
+
+
+# A fresh process: loads the pickled (model, optimizer) pairs, steps them with the test's
+# gradients, and pickles the optimizers back.
+_STEP_ELSEWHERE = textwrap.dedent("""
+    import pickle, sys
+    sys.path.insert(0, sys.argv[1])
+    from test_copy_pickle import train
+    pairs = pickle.load(sys.stdin.buffer)
+    for model, opt in pairs:
+        train(opt, range(2, 5))
+    pickle.dump([opt for _, opt in pairs], sys.stdout.buffer)
+""")
+
+
+@pytest.mark.slow
+def test_pickle_steps_the_same_in_another_process():
+    """Nothing process-local travels: an optimizer unpickled in a new Python process (triton:
+    re-bound there, under the interpreter) steps bit-identically to the original here."""
+    cases = [("coupled_adam", "foreach"), ("nadam", "reference"), ("adamw", "triton")]
+    pairs = []
+    for name, backend in cases:
+        model = Net()
+        opt = build(name, model, backend=backend)
+        train(opt, range(2))
+        pairs.append((model, opt))
+    data = pickle.dumps(pairs)
+    proc = subprocess.run([sys.executable, "-c", _STEP_ELSEWHERE, os.path.dirname(__file__)], input=data,
+                          capture_output=True, env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    stepped = pickle.loads(proc.stdout)
+    for (_, opt), there, (name, backend) in zip(pairs, stepped, cases):
+        train(opt, range(2, 5))
+        assert (type(there), there.backend) == (type(opt), backend), name
+        assert_identical(opt, there)
 
 
 # ----- backend="auto" and an explicit triton in the copy ------------------------------------
