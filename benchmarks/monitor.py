@@ -11,8 +11,8 @@ The model
     The batch is ``--batch`` sequences of ``--seq`` random token ids (a fixed pool of
     batches drawn once from a seeded generator), next-token cross-entropy. The optimizer is
     ``--optimizer`` (default ``coupled_adam``, the main job's) over
-    :func:`lightning_optim.param_groups`, so ``wte`` (and ``wpe``, an ``nn.Embedding``) sit in
-    the coupled ``embedding`` group; clipping is by global norm, ``max_norm=1``.
+    :func:`lightning_optim.param_groups`, so ``wte`` (the tied output embedding) sits in the
+    coupled ``embedding`` group and ``wpe`` in ``no_decay``; clipping is by global norm, ``max_norm=1``.
 
 What one step is
     Plain PyTorch, not Lightning's Trainer (whose own per-step overhead would dominate and

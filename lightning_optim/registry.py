@@ -68,7 +68,7 @@ def create_optimizer(name_or_mapping: Any, params_or_module: Any, **overrides: A
             (the Hydra ``optimizer`` node; ``None`` values mean the rule's default), or a
             dataclass with the same fields.
         params_or_module: an ``nn.Module`` (its parameters are split by
-            :func:`param_groups`, coupling embeddings only for CoupledAdam), or anything
+            :func:`param_groups`, coupling the output embedding only for CoupledAdam), or anything
             a ``torch.optim.Optimizer`` takes.
         overrides: hyperparameters that win over the mapping.
 
