@@ -32,8 +32,8 @@ under SGD, but whose per-row second moments make Adam move rare rows further, sh
 (anisotropy). So the matrix to couple is the unembedding, and only it. The authors' code
 (github.com/flxst/coupled-adam, nanoGPT/model.py ``configure_optimizers`` at commit ba54c74)
 gives CoupledAdam exactly the parameter named ``*.wte.weight`` (nanoGPT's token embedding, tied
-to ``lm_head``), with no weight decay; the position embedding ``wpe`` stays with the other
-matrices under AdamW. Here ``wpe`` goes to ``no_decay`` (no decay, as for every embedding) and
+to ``lm_head``), with no weight decay; the position embedding ``wpe`` stays in the decayed
+group of the other matrices, under AdamW. Here ``wpe`` goes to ``no_decay`` (as every embedding) and
 is not coupled. Other optimizers warn once that they treat ``coupled`` as an ordinary option;
 ``create_optimizer(name, model)`` sets it only for CoupledAdam.
 
