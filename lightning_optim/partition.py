@@ -210,9 +210,9 @@ def param_groups(
               for name, opts in options.items() if members[name]]
     if coupled and not unembedding and module not in _told and not any(g.get("coupled") for g in groups):
         _told.add(module)  # once per model: the callback and the user may both partition it
-        has = any(isinstance(m, _EMBEDDINGS) for m in module.modules())
-        _info(f"{OWNER}: {type(module).__name__} has no recognisable output embedding ("
-              f"{'no nn.Embedding tied to a head, no head nn.Linear with a vocabulary of outputs' if has else 'no nn.Embedding'}), "
+        why = ("no nn.Embedding tied to a head, no head nn.Linear with a vocabulary of outputs"
+               if any(isinstance(m, _EMBEDDINGS) for m in module.modules()) else "no nn.Embedding")
+        _info(f"{OWNER}: {type(module).__name__} has no recognisable output embedding ({why}), "
               "so no tensor is coupled; couple one with a rule such as "
               "{'match': '<name>.weight', 'coupled': True, 'weight_decay': 0.0}")
     if log:

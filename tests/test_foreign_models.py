@@ -83,7 +83,7 @@ def demo_loss(net: nn.Module, batch: tuple) -> torch.Tensor:
 
 
 def gpt2() -> nn.Module:
-    transformers = pytest.importorskip("transformers", reason="transformers is not installed (the dev extra has it)")
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed (dev extra)")
     config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=SEQ + 1, n_embd=16, n_layer=1, n_head=2,
                                      bos_token_id=0, eos_token_id=0)
     return transformers.GPT2LMHeadModel(config)
@@ -126,18 +126,19 @@ CASES = [
 ]
 
 
-def fit(case: Case, out: Path, ckpt_path: Path | None = None) -> tuple[Foreign, pl.Trainer, lo.OptimizerCallback]:
+def fit(case: Case, out: Path, ckpt_path: Path | None = None) -> tuple[Foreign, pl.Trainer]:
     pl.seed_everything(0, verbose=False)
     model = Foreign(case.build(), case.loss)
     callback = lo.OptimizerCallback(optimizer=case.optimizer, clipping={"mode": "norm", "max_norm": 1.0})
     monitor = lo.MomentMonitor(every_n_steps=2, expensive_every_n_steps=4)
     checkpoints = ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=CKPT_STEP, save_top_k=-1)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=STEPS, max_epochs=-1, log_every_n_steps=1,
-                         logger=CSVLogger(out, name="", version=""), callbacks=[callback, monitor, checkpoints],
+                         logger=CSVLogger(out, name="", version=""),
+                         callbacks=[callback, monitor, checkpoints],
                          enable_progress_bar=False, enable_model_summary=False)
     loader = lo.ResumableDataLoader(case.data(), batch_size=BATCH, shuffle=True, seed=3)
     trainer.fit(model, loader, ckpt_path=ckpt_path)
-    return model, trainer, callback
+    return model, trainer
 
 
 def expected_groups(model: nn.Module, case: Case) -> dict[str, set[str]]:
@@ -166,8 +167,9 @@ def state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[st
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_foreign_model_partition_loss_and_exact_resume(case, tmp_path):
-    model, trainer, callback = fit(case, tmp_path / "full")
+    model, trainer = fit(case, tmp_path / "full")
     optimizer = trainer.optimizers[0]
+    callback = next(cb for cb in trainer.callbacks if isinstance(cb, lo.OptimizerCallback))
     assert optimizer is callback.optimizer and type(optimizer).__name__ == {
         "coupled_adam": "CoupledAdam", "adamw": "AdamW"}[case.optimizer["name"]]
 
@@ -176,7 +178,8 @@ def test_foreign_model_partition_loss_and_exact_resume(case, tmp_path):
     assert got == expected_groups(model, case)
     ids = [id(p) for g in optimizer.param_groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
-    options = {g["name"]: {k: g[k] for k in ("weight_decay", "coupled") if k in g} for g in optimizer.param_groups}
+    options = {g["name"]: {k: g[k] for k in ("weight_decay", "coupled") if k in g}
+               for g in optimizer.param_groups}
     assert options["no_decay"]["weight_decay"] == 0.0 and options["decay"]["weight_decay"] == 0.01  # AdamW's
     if case.unembedding is not None:
         assert options["embedding"] == {"weight_decay": 0.0, "coupled": True}
@@ -202,7 +205,7 @@ def test_foreign_model_partition_loss_and_exact_resume(case, tmp_path):
 
     # Resume from the mid-epoch checkpoint: bit-identical to the uninterrupted run.
     (ckpt,) = (tmp_path / "full" / "ckpt").glob(f"*step={CKPT_STEP}.ckpt")
-    resumed, resumed_trainer, _ = fit(case, tmp_path / "resumed", ckpt_path=ckpt)
+    resumed, resumed_trainer = fit(case, tmp_path / "resumed", ckpt_path=ckpt)
     assert resumed.losses == losses[CKPT_STEP:]
     want, have = state_tensors(model, optimizer), state_tensors(resumed, resumed_trainer.optimizers[0])
     assert want.keys() == have.keys() and len(want) > 2 * len(list(model.parameters()))

@@ -122,8 +122,8 @@ def test_find_unembedding(build, expected):
 
 def test_untied_head_is_coupled_and_the_input_embeddings_are_not():
     groups = param_groups(Untied({"lm_head": 50}), weight_decay=0.1)
-    assert names(groups) == {"embedding": ["lm_head.weight"], "no_decay": ["tok.weight", "pos.weight", "fc.bias",
-                                                                           "proj.bias"],
+    assert names(groups) == {"embedding": ["lm_head.weight"],
+                             "no_decay": ["tok.weight", "pos.weight", "fc.bias", "proj.bias"],
                              "decay": ["fc.weight", "proj.weight"]}
     assert [options(g) for g in groups] == [
         {"coupled": True, "weight_decay": 0.0}, {"weight_decay": 0.0}, {"weight_decay": 0.1}]
@@ -133,7 +133,8 @@ def test_a_rule_couples_something_else_too():
     """The README's way to couple a tensor the default leaves alone: a rule with coupled=True."""
     rules = [{"match": "tok.weight", "group": "input_embedding", "coupled": True, "weight_decay": 0.0}]
     groups = param_groups(Untied({"lm_head": 50}), rules=rules)
-    assert names(groups)["input_embedding"] == ["tok.weight"] and names(groups)["embedding"] == ["lm_head.weight"]
+    assert names(groups)["input_embedding"] == ["tok.weight"]
+    assert names(groups)["embedding"] == ["lm_head.weight"]
     assert options(groups[0]) == {"coupled": True, "weight_decay": 0.0}
 
 
