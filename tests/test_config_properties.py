@@ -211,6 +211,29 @@ def test_valid_schedules_build_and_give_factors_in_0_1(node, t):
     assert 0.0 <= schedule(t) <= 1.0
 
 
+@EXAMPLES
+@given(valid_schedule(), st.data())
+def test_the_scheduler_node_and_the_schedules_module_take_the_same_defaults(node, data):
+    """Any subset of a valid node's options (total_steps kept): the config node (OptimizerCallback,
+    Hydra) and schedules.Schedule / build_scheduler fill the rest from the same defaults, so they
+    build the same schedule, or refuse it with the same message."""
+    from lightning_optim.schedules import Schedule, schedule_of
+
+    keep = data.draw(st.sets(st.sampled_from(sorted(k for k in node if k not in ("name", "total_steps")))))
+    given = {"name": node["name"], "total_steps": node["total_steps"], **{k: node[k] for k in keep}}
+
+    def outcome(build):
+        try:
+            return build()
+        except ConfigurationError as err:
+            return str(err)
+
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    from_node = outcome(lambda: C.scheduler_config(given).options())
+    assert from_node == outcome(lambda: Schedule(**given).options())
+    assert from_node == outcome(lambda: schedule_of(build_scheduler(optimizer, **given)).options())
+
+
 SCHEDULE_INVALID = {
     "name": st.one_of(st.text(max_size=8).filter(lambda s: s not in C.SCHEDULES), st.integers(), st.just(["cosine"])),
     "total_steps": st.one_of(st.integers(max_value=0), st.floats(0.01, 0.99), not_a_number, non_finite),
