@@ -211,3 +211,4 @@ def test_foreign_model_partition_loss_and_exact_resume(case, tmp_path):
     assert want.keys() == have.keys() and len(want) > 2 * len(list(model.parameters()))
     different = [k for k in want if not torch.equal(want[k], have[k])]
     assert different == []
+    assert resumed_trainer.optimizers[0].state_dict()["param_groups"] == optimizer.state_dict()["param_groups"]
