@@ -5,7 +5,7 @@
     a short budget, same seed, same batches and same initial weights for every optimizer,
     trained in a plain PyTorch loop (no Lightning, so ms/step is the optimizer plus the
     model). ``lightning_optim.create_optimizer(name, model)`` splits the parameters by
-    :func:`lightning_optim.param_groups` (embeddings coupled only for CoupledAdam).
+    :func:`lightning_optim.param_groups` (the output embedding coupled only for CoupledAdam).
 (b) Logistic regression on standardized synthetic features: full batch, float64, 200 steps.
 
 Writes one PNG (two panels of loss curves) and prints a table: optimizer | lr | final GPT
