@@ -58,6 +58,11 @@ COMMANDS: dict[str, Run | Skip] = {
     "python recipes/adaptive_generalization/run.py": Skip(
         "about 100 s of CPU as written; tests/test_recipe_adaptive_generalization.py runs its main() shortened "
         "and checks the paper's claim with its run()"),
+    "python -m lightning_optim.train hydra.run.dir=runs/gpt checkpoint.every_n_steps=25": Skip(
+        "the main job's full default run (300 steps, minutes), checkpointing; tests/test_kill_resume.py runs the "
+        "same command on a tiny main job and SIGKILLs it"),
+    "python -m lightning_optim.train hydra.run.dir=runs/gpt checkpoint.every_n_steps=25 resume=auto": Skip(
+        "continues the run above; tests/test_kill_resume.py resumes its killed tiny run with resume=auto"),
     "python benchmarks/step.py": Skip("a timing benchmark (minutes); its figures and command are in benchmarks/RESULTS.md"),
     "python benchmarks/monitor.py": Skip("a timing benchmark; its figures and command are in benchmarks/RESULTS.md"),
     "python benchmarks/step.py --device cuda": Skip("needs a CUDA GPU (benchmarks/gpu_session.sh runs it on one)"),
