@@ -19,7 +19,8 @@ the README tables, to these).
 Errors name the config node the bad value was written in, whichever layer finds it: a bad
 ``betas`` in the ``optimizer`` node reads ``optimizer: betas[1]=1.5 is invalid: ...`` whether
 the schema or the optimizer class caught it (:func:`node_error`). The class's own name
-(``AdamW: betas[1]=...``) appears only where the class is called directly, without a node.
+(``AdamW: betas[1]=...``) appears only where the class, or ``create_optimizer``, is called
+directly, without a node.
 """
 
 from __future__ import annotations

@@ -309,7 +309,7 @@ def test_master_weights_must_be_a_bool(name):
     p = torch.zeros(2, requires_grad=True)
     with pytest.raises(ConfigurationError, match=rf"^{owner}: master_weights='yes' is invalid: must be true or false"):
         lo.create_optimizer({"name": name, "master_weights": "yes"}, [p])
-    with pytest.raises(ConfigurationError, match=rf"^{owner}: master_weights='yes' is invalid"):
+    with pytest.raises(ConfigurationError, match=r"^optimizer: master_weights='yes' is invalid"):  # the node's name
         C.optimizer_config({"name": name, "master_weights": "yes"})
     with pytest.raises(ConfigurationError, match=rf"^{owner} group 'g': master_weights=1 is invalid"):
         REGISTRY[name].cls([{"params": [p], "name": "g", "master_weights": 1}])
