@@ -89,9 +89,12 @@ class AccumulationSchedule:
             raise invalid(OWNER, "schedule", schedule, "must not be empty")
         parsed = {}
         for key, value in items.items():
-            k = _int(key, f"schedule key {key!r}")
-            if k < 0:
-                raise invalid(OWNER, "schedule", schedule, f"keys must be >= 0, got {key!r}")
+            try:
+                k = _int(key, "schedule")
+            except ValueError:
+                k = -1
+            if k < 0:  # the key is where a size starts: an optimizer step (or epoch) count
+                raise invalid(OWNER, "schedule", schedule, f"keys must be >= 0 and whole (the {by} a size starts at), got {key!r}")
             v = _int(value, f"schedule[{key!r}]")
             if v < 1:
                 raise invalid(OWNER, f"schedule[{key!r}]", value, "must be an int >= 1 (micro-batches per step)")

@@ -27,6 +27,7 @@ and the callback logs ``optim/lr/<group>`` itself.
 from __future__ import annotations
 
 import logging
+import math
 import types
 from collections.abc import Sequence
 from typing import Any
@@ -330,6 +331,8 @@ class OptimizerCallback(Callback):
             self.accumulator.close()
         report = self.clipper.clip_(optimizer)
         self._skip = self.clipper.should_skip(report)
+        if self._skip:
+            self._say_skipped(trainer, report)
         metrics: dict[str, Any] = {"optim/grad_norm_total": report.total_norm}
         for name, norm in report.group_norms.items():
             metrics[f"optim/grad_norm/{name}"] = norm
@@ -340,7 +343,28 @@ class OptimizerCallback(Callback):
         metrics["optim/clipped_steps"] = float(self.clipper.clipped_steps)
         if self.accumulator is not None:
             metrics["optim/accumulation"] = float(self.accumulator.micro_batches)  # what this step averaged
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+        # Every optimizer step, whatever the Trainer's log_every_n_steps: to the loggers directly
+        # (rank zero), at the step value Lightning gives this batch's own metrics, as MomentMonitor
+        # does. should_skip has just waited for the norms, so reading them here costs no stall.
+        # In callback_metrics too (not logged from there), for the progress bar or a checkpoint monitor.
+        log_metrics(trainer, metrics, _lightning_log_step(trainer))
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, logger=False)
+
+    def _say_skipped(self, trainer: pl.Trainer, report: Any) -> None:
+        """One console line (rank zero, the ``lightning_optim`` logger) at the 1st, 2nd, 4th,
+        8th, ... skipped step of the run: a burst of non-finite steps prints a few lines, a
+        diverging run cannot flood the console, and the count of skips is in the line."""
+        skipped = self.clipper.skipped_steps
+        if skipped & (skipped - 1) or not trainer.is_global_zero:  # not a power of two
+            return
+        bad = [name for name, norm in report.group_norms.items() if not math.isfinite(float(norm))]
+        where = f"in group(s) {', '.join(bad)}" if bad else "(the total norm overflowed)"
+        since = f", {skipped - skipped // 2} since the last message" if skipped > 1 else ""
+        log.warning(
+            f"OptimizerCallback: skipped the optimizer step at global_step {trainer.global_step}: non-finite "
+            f"gradients {where}; parameters, optimizer state and LR schedule unchanged. {skipped} step(s) "
+            f"skipped so far{since}; they count toward max_steps. Next message at {2 * skipped} skips."
+        )
 
     # ----- checkpoints --------------------------------------------------------------------
 

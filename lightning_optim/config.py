@@ -78,6 +78,74 @@ def node_error(err: BaseException, node: str | None = None, field_prefix: str = 
     return ConfigurationError(f"{owner}: {field_prefix}{match['rest']}")
 
 
+
+def compose_error(err: BaseException) -> ConfigurationError:
+    """``err``, raised by Hydra while composing the config, as one line that names the key and
+    quotes the value, in :func:`invalid`'s shape: ``optimizer.lr=abc`` reads ``optimizer:
+    lr='abc' is invalid: Value 'abc' of type 'str' could not be converted to Float``, and
+    ``optimizer=nonexistent`` reads ``optimizer: optimizer='nonexistent' is invalid: must be one
+    of adagrad, ...``. Hydra prints these as several lines (OmegaConf's ``full_key:`` and
+    ``object_type=`` lines, the config search path); the key is taken from OmegaConf's
+    ``full_key`` or from the override Hydra names, the value from that override. An error with
+    neither keeps its own text, joined into one line.
+    """
+    def one_line(e: BaseException) -> str:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        kept = [line for line in lines if not line.startswith(("full_key:", "object_type=", "reference_type="))]
+        return " ".join(kept) or type(e).__name__
+
+    def split(key: str) -> tuple[str, str]:
+        node, _, rest = key.partition(".")
+        return (node, rest) if rest else ("config", node)
+
+    missing = getattr(err, "missing_cfg_file", None)
+    if missing and getattr(err, "options", None):  # group=option with no such option
+        group, _, option = str(missing).rpartition("/")
+        if group:
+            return invalid(group, group.rsplit("/", 1)[-1], option,
+                           f"must be one of {', '.join(err.options)}{suggest(option, err.options)}")
+    cause = err.__cause__
+    text = str(err)
+    override = getattr(err, "override", None)  # OverrideParseException carries it
+    found = re.search(r"(?:Error merging override |use \+)(\S+=.*)$", text, re.MULTILINE)
+    if found:
+        override = found[1]
+    key = value = None
+    if override:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        try:
+            parsed = OverridesParser.create().parse_override(override.lstrip("+~"))
+            key, value = parsed.key_or_group, parsed.value()
+        except Exception:  # noqa: BLE001  an unparsable override: its own text
+            key, _, value = override.lstrip("+~").partition("=")
+    full_key = getattr(cause, "full_key", None) or getattr(err, "full_key", None)
+    reason = one_line(cause) if cause is not None else one_line(err)
+    if key is None and full_key:
+        key = full_key
+    if key is None:
+        return ConfigurationError(one_line(err) + (f": {reason}" if cause is not None else ""))
+    node, field_name = split(key)
+    if type(cause).__name__ in ("ConfigAttributeError", "ConfigKeyError"):
+        from .conf import SCHEMAS
+
+        schema = SCHEMAS.get(node)
+        if schema is not None and field_name:
+            known = [f.name for f in dataclasses.fields(schema)]
+            reason = f"{node} has no option {field_name!r}{suggest(field_name, known)}; its options are {', '.join(known)}"
+        else:
+            reason = f"no such key in the config (add one with +{key}=...)"
+    elif "Cannot merge DictConfig with ListConfig" in reason:
+        reason = "a mapping cannot replace the list this option sets (Hydra merges a mapping into a mapping only)"
+        if isinstance(value, Mapping) and key == "accumulation.schedule":
+            pairs = ",".join(f"[{k},{v}]" for k, v in value.items())
+            reason += f"; write it as pairs: accumulation.schedule=[{pairs}]"
+    elif full_key and full_key != key:
+        reason += f" (at {full_key})"
+    if value is None and not override:
+        return ConfigurationError(f"{node}: {field_name} is invalid: {reason}")
+    return invalid(node, field_name, value, reason)
+
 @dataclass
 class OptimizerConfig:
     """The ``optimizer`` node. Fields left ``None`` take the rule's default (see README).
@@ -201,24 +269,33 @@ class ClippingConfig:
 class AccumulationConfig:
     """The ``accumulation`` node: micro-batches per optimizer step, keyed by step or epoch.
 
-    ``schedule`` is a list of ``[start, micro_batches]`` pairs, e.g. ``[[0, 1], [200, 4]]``: a
-    list, not a mapping, because Hydra replaces a list on override
-    (``accumulation.schedule=[[0,1],[50,4]]``) but refuses new keys in a mapping. The Python
-    API also takes the mapping ``{0: 1, 200: 4}``.
+    ``schedule`` takes two forms, in Python, in a YAML file and on the command line:
+    ``[[start, micro_batches], ...]`` pairs, e.g. ``[[0, 1], [200, 4]]``, or the mapping
+    ``{start: micro_batches}``, e.g. ``{0: 1, 200: 4}`` (YAML and Hydra's override grammar
+    read ``0`` and ``200`` as int keys; quoted ``'200'`` is taken too). ``None``, the default,
+    is one micro-batch per step, ``[[0, 1]]``. The shipped options write pairs because Hydra
+    replaces a list on override (``accumulation.schedule=[[0,1],[50,4]]``) but merges a mapping
+    key by key into a mapping, and cannot merge a mapping into a list at all. The schema types
+    the field ``Any`` so that either form composes; this class checks it.
     """
 
-    schedule: list[list[int]] = field(default_factory=lambda: [[0, 1]])
+    schedule: Any = None
     by: str = "step"
 
     def __post_init__(self) -> None:
+        if self.schedule is None:
+            self.schedule = [[0, 1]]
         if isinstance(self.schedule, Mapping):
             self.schedule = [[k, v] for k, v in self.schedule.items()]
         if isinstance(self.schedule, (str, bytes)) or not isinstance(self.schedule, Iterable):
             raise invalid("accumulation", "schedule", self.schedule,
-                          "must be a list of [start, micro_batches] pairs")
+                          "must be a list of [start, micro_batches] pairs like [[0, 1], [200, 4]], or a mapping "
+                          "like {0: 1, 200: 4}")
+        self.schedule = [list(pair) if isinstance(pair, (list, tuple)) else pair for pair in self.schedule]
         for pair in self.schedule:
-            if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
-                raise invalid("accumulation", "schedule", self.schedule, "must be [start, micro_batches] pairs")
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise invalid("accumulation", "schedule", self.schedule,
+                              f"must be [start, micro_batches] pairs like [[0, 1], [200, 4]]; {pair!r} is not a pair")
         starts = [str(start) for start, _ in self.schedule]
         for start in starts:
             if starts.count(start) > 1:  # points() would keep only the last one

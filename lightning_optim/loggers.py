@@ -86,3 +86,8 @@ def close(logger: Logger) -> None:
     logger.finalize("success")
     if type(logger).__name__ == "WandbLogger":
         logger.experiment.finish()
+        # finish() can return before the service has written the run file's last records (wandb
+        # 0.31, offline), and the dashboard reads that file next; shutting the service down flushes it.
+        import wandb
+
+        wandb.teardown()

@@ -5,7 +5,7 @@ partition, monitor, logger, trainer), then trains the main job with
 :class:`~lightning_optim.OptimizerCallback` and prints where the checkpoint, metrics and
 dashboard went.
 
-A bad config exits with status 2 and one paragraph naming the node, the field and the value
+A bad config exits with status 2 and one line naming the node, the field and the value
 (``optimizer: betas[1]=1.5 is invalid: must be in [0, 1)``; see
 :func:`lightning_optim.config.node_error` for how the prefix is chosen), never a traceback,
 and before anything is written: :class:`CheckConfig`, a Hydra callback registered in
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,7 +51,7 @@ from torchmetrics.text import Perplexity
 
 from . import conf  # noqa: F401  (registers the config schemas)
 from .callback import MomentMonitor, OptimizerCallback
-from .config import COMPONENT_NODES, node_error
+from .config import COMPONENT_NODES, compose_error, node_error
 from .corpus import Corpus, TokenWindows, load_corpus, zipf_exponent
 from .dashboard import NoMetricsError, render
 from .loggers import build_logger, close
@@ -203,8 +204,11 @@ class CheckConfig(HydraCallback):
 
     started = False  # whether a config composed: an exit before that is Hydra's own config error
 
+    full_error: str | None = None  # the user's HYDRA_FULL_ERROR, which main() sets while Hydra composes
+
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         CheckConfig.started = True
+        _restore_full_error()
         try:
             check(config)
         except ConfigurationError as err:
@@ -212,6 +216,16 @@ class CheckConfig(HydraCallback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         CheckConfig.started = True  # each job is checked by run(), in its own directory
+        _restore_full_error()
+
+
+def _restore_full_error() -> None:
+    """Put back the user's HYDRA_FULL_ERROR once the config has composed: an error while
+    running is reported by Hydra as usual."""
+    if CheckConfig.full_error is None:
+        os.environ.pop("HYDRA_FULL_ERROR", None)
+    else:
+        os.environ["HYDRA_FULL_ERROR"] = CheckConfig.full_error
 
 
 def _refuse(err: ConfigurationError) -> None:
@@ -289,14 +303,24 @@ def main() -> None:
     """``python -m lightning_optim.train [overrides]``: exit status 0, 2 for an invalid config
     (Hydra's own composition errors included), 1 for a failure while running."""
     CheckConfig.started = False
+    # Hydra prints a config it cannot compose (an unknown option, a typo'd key, a wrong type) over
+    # several lines and exits 1; with HYDRA_FULL_ERROR set it raises the error here instead, where
+    # it becomes one line naming the key (config.compose_error) and exit 2. CheckConfig puts the
+    # user's setting back as soon as the config has composed; a user who set it gets Hydra's trace.
+    CheckConfig.full_error = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         _train()
     except SystemExit as exit_:
-        # Hydra reports a config it cannot compose (an unknown option, a typo'd key, a wrong
-        # type) and exits 1, before any callback starts; that is an invalid config too.
-        if exit_.code == 1 and not CheckConfig.started:
+        if exit_.code == 1 and not CheckConfig.started:  # a compose error Hydra reported itself
             raise SystemExit(2) from None
         raise
+    except Exception as err:
+        if CheckConfig.started or CheckConfig.full_error is not None:
+            raise
+        _refuse(compose_error(err))
+    finally:
+        _restore_full_error()
 
 
 if __name__ == "__main__":

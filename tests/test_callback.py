@@ -592,3 +592,50 @@ def test_accumulation_by_epoch_changes_at_the_epoch_start():
     cb = OptimizerCallback(optimizer={"name": "sgd", "lr": 0.1}, accumulation={"schedule": [[0, 1], [1, 3]], "by": "epoch"})
     trainer([cb], max_epochs=2).fit(BareLM(), data(batches=6))
     assert cb.steps_taken == 6 + 2
+
+
+class LoggingRegression(Regression):
+    """Logs its loss as users do (``self.log``), so Lightning's own rows follow log_every_n_steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lr_seen: dict[int, float] = {}  # optimizer step k (1-based) -> the lr it used
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("train/loss", loss)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer):
+        self.lr_seen[self.trainer.global_step + 1] = optimizer.param_groups[0]["lr"]
+
+
+@pytest.mark.parametrize("accumulation", [None, {0: 1, 4: 3}])
+def test_metrics_are_logged_every_optimizer_step_whatever_log_every_n_steps(tmp_path, accumulation):
+    """log_every_n_steps=7 spaces Lightning's train/loss rows (steps 6, 13); the callback's rows
+    are one per optimizer step k, at step k - 1 (Lightning's step value for the batch that runs
+    it, MomentMonitor's convention), skipped steps included, under accumulation too."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    torch.manual_seed(0)
+    model = LoggingRegression()
+    cb = OptimizerCallback(optimizer={"name": "adamw", "lr": 0.1}, scheduler={"name": "exponential", "gamma": 0.5},
+                           accumulation=accumulation)
+    run = trainer([cb], max_steps=15, max_epochs=-1, logger=CSVLogger(tmp_path, name="", version=""),
+                  log_every_n_steps=7)
+    run.fit(model, regression_data(batches=24))
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    lr_rows = {int(r["step"]): float(r["optim/lr/decay"]) for r in rows if r.get("optim/lr/decay")}
+    assert sorted(lr_rows) == list(range(15))
+    assert [int(r["step"]) for r in rows if r.get("train/loss")] == [6, 13]
+    for step, lr in lr_rows.items():  # the row at step s is optimizer step s + 1's: its lr, 0.1 * 0.5**s
+        assert lr == model.lr_seen[step + 1] == pytest.approx(0.1 * 0.5**step, rel=1e-12), step
+    for key in ("optim/grad_norm_total", "optim/skipped_steps", "optim/clipped_steps"):
+        assert sorted(int(r["step"]) for r in rows if r.get(key)) == list(range(15)), key
+    if accumulation:  # steps 1-4 average one micro-batch, 5-15 three (24 batches: an epoch end cuts step 11)
+        sizes = [float(r["optim/accumulation"]) for r in sorted(rows, key=lambda r: int(r["step"]))
+                 if r.get("optim/accumulation")]
+        assert sizes == [1.0] * 4 + [3.0] * 6 + [2.0] + [3.0] * 4
+    assert float(run.callback_metrics["optim/skipped_steps"]) == 0.0  # still in callback_metrics

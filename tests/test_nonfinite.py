@@ -18,6 +18,7 @@ torch's own optimizers do; a param whose second moment is inf then never moves a
 from __future__ import annotations
 
 import copy
+import logging
 
 import lightning.pytorch as pl
 import pytest
@@ -396,3 +397,71 @@ def test_trainer_skips_the_inf_step_bit_for_bit(precision, how):
         assert cb.optimizer.state[model.net[0].weight]["exp_avg_sq"].dtype == torch.float32
     if precision == "16-mixed":
         assert plugin.scaler.get_scale() == 2.0**9  # the scaler saw the overflow too, and backed off
+
+
+class NaNLossAt(InfAt):
+    """The loss is NaN on the chosen optimizer steps (0-based ``global_step``)."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * NAN if self.trainer.global_step in self.bad_steps else loss
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+def test_skipped_steps_print_one_line_at_each_doubling_and_count_toward_max_steps(caplog):
+    """Six NaN steps: lines at the 1st, 2nd and 4th skip only (the next would be the 8th), each
+    naming the step and the count; max_steps=12 runs 12 Lightning steps, of which 6 update."""
+    from lightning_helpers import trainer
+
+    torch.manual_seed(0)
+    model = NaNLossAt(bad_steps={2, 3, 5, 6, 7, 9})
+    cb = lo.OptimizerCallback(optimizer={"name": "adamw", "lr": 1e-2}, scheduler={"name": "exponential", "gamma": 0.5})
+    run = trainer([cb], max_steps=12, max_epochs=-1)
+    with caplog.at_level(logging.WARNING, logger="lightning_optim"):
+        run.fit(model, _regression())
+    lines = [r.getMessage() for r in caplog.records if r.name == "lightning_optim"]
+    tail = "parameters, optimizer state and LR schedule unchanged."
+    assert lines == [
+        f"OptimizerCallback: skipped the optimizer step at global_step 2: non-finite gradients in group(s) no_decay, "
+        f"decay; {tail} 1 step(s) skipped so far; they count toward max_steps. Next message at 2 skips.",
+        f"OptimizerCallback: skipped the optimizer step at global_step 3: non-finite gradients in group(s) no_decay, "
+        f"decay; {tail} 2 step(s) skipped so far, 1 since the last message; they count toward max_steps. "
+        "Next message at 4 skips.",
+        f"OptimizerCallback: skipped the optimizer step at global_step 6: non-finite gradients in group(s) no_decay, "
+        f"decay; {tail} 4 step(s) skipped so far, 2 since the last message; they count toward max_steps. "
+        "Next message at 8 skips.",
+    ]
+    assert all(r.levelno == logging.WARNING for r in caplog.records if r.name == "lightning_optim")
+    # Lightning's global_step counts every optimizer.step call, skipped or not: max_steps is reached
+    # after 12 of them, 6 of which updated the parameters and advanced the LR schedule.
+    assert (run.global_step, cb.clipper.skipped_steps, cb.steps_taken) == (12, 6, 6)
+    assert cb.optimizer.param_groups[0]["lr"] == 1e-2 * 0.5**6
+    assert cb.scheduler.last_epoch == 6
+
+
+@pytest.mark.slow  # a fresh Python process: the console as a script sees it
+def test_a_skip_prints_on_the_console_when_logging_is_not_configured():
+    """No handler configured (a plain script): the line reaches stderr, once."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import sys, torch; sys.path[:0] = ['tests']\n"
+        "import lightning_optim as lo\n"
+        "from lightning_helpers import trainer\n"
+        "from test_nonfinite import NaNLossAt, _regression\n"
+        "torch.manual_seed(0)\n"
+        "cb = lo.OptimizerCallback(optimizer='adamw')\n"
+        "trainer([cb], max_steps=4, max_epochs=-1).fit(NaNLossAt(bad_steps={1}), _regression())\n"
+        "print('taken', cb.steps_taken)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    skipped = [line for line in proc.stderr.splitlines() if "skipped the optimizer step" in line]
+    assert skipped == [
+        "OptimizerCallback: skipped the optimizer step at global_step 1: non-finite gradients in group(s) no_decay, "
+        "decay; parameters, optimizer state and LR schedule unchanged. 1 step(s) skipped so far; they count toward "
+        "max_steps. Next message at 2 skips."]
+    assert proc.stdout.splitlines()[-1] == "taken 3"
