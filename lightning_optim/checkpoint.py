@@ -33,9 +33,11 @@ Plain PyTorch: nothing here imports Lightning.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import random
+import signal
 import struct
 import tempfile
 import warnings
@@ -51,8 +53,8 @@ from torch.utils.data import DataLoader, Sampler
 from .validation import LightningOptimWarning, invalid
 
 __all__ = [
-    "CheckpointError", "verify_checkpoint", "ResumableSampler", "ResumableDataLoader",
-    "convert_optimizer_state", "convert_checkpoint",
+    "CheckpointError", "verify_checkpoint", "atomic_write", "newest_intact_checkpoint", "ResumableSampler",
+    "ResumableDataLoader", "convert_optimizer_state", "convert_checkpoint",
 ]
 
 # torch.save's legacy (pre-1.6, ``_use_new_zipfile_serialization=False``) format opens with
@@ -210,6 +212,97 @@ def guard_checkpoint_loading(strategy: Any) -> None:
 
     load_checkpoint._lightning_optim_verifies = True  # type: ignore[attr-defined]
     strategy.load_checkpoint = load_checkpoint
+
+
+# ----- atomic writes and finding the checkpoint to resume from ------------------------------
+
+# Test hook: an atomic_write to a file of this name writes half its bytes to the temporary
+# file, flushes them and SIGKILLs the process (tests/test_kill_resume.py: a kill while a
+# checkpoint is being written). Unset, nothing changes.
+KILL_IN_WRITE_ENV = "LIGHTNING_OPTIM_TEST_KILL_IN_WRITE"
+
+
+def _file_mode(path: Path) -> int:
+    """The mode ``open(path, "w")`` would give: the old file's, else 0o666 less the umask
+    (``mkstemp`` creates 0o600)."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def atomic_write(data: bytes, path: str | os.PathLike) -> None:
+    """Write ``data`` to ``path`` so that ``path`` holds either its old content or all of ``data``.
+
+    The bytes go to a temporary file in the same directory (``.<name>.<random>.tmp``: a rename
+    is atomic only within one file system), are ``fsync``-ed, and ``os.replace`` puts the file
+    in place; the directory is ``fsync``-ed after the rename so that the new entry survives a
+    power loss (POSIX; a no-op where directories cannot be opened). A process killed at any
+    moment leaves the old file whole, and at worst a temporary file, which nothing reads.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if os.environ.get(KILL_IN_WRITE_ENV) == path.name:
+                f.write(data[: len(data) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+                os.kill(os.getpid(), signal.SIGKILL)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode(path))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory handles
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """``global_step`` of a Lightning checkpoint (its optimizer steps), read without copying its tensors."""
+    checkpoint = torch.load(os.fspath(path), map_location="cpu", weights_only=False, mmap=True)
+    return int(checkpoint.get("global_step", 0))
+
+
+def newest_intact_checkpoint(directory: str | os.PathLike) -> tuple[Path, int, list[str]] | None:
+    """The checkpoint to resume a run from: the ``*.ckpt`` of ``directory`` with the most
+    optimizer steps that passes :func:`verify_checkpoint` (at equal steps ``last.ckpt``,
+    which later saves replace in place). Returns ``(path, global_step, skipped)``, where
+    ``skipped`` holds one message per damaged file passed over (newer or not), or None when
+    the directory holds no ``.ckpt`` file; raises :class:`CheckpointError` when none is intact.
+    """
+    directory = Path(directory)
+    files = sorted(p for p in directory.glob("*.ckpt") if p.is_file()) if directory.is_dir() else []
+    if not files:
+        return None
+    intact, skipped = [], []
+    for path in files:
+        try:
+            verify_checkpoint(path)
+            step = checkpoint_step(path)
+        except (CheckpointError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+            skipped.append(str(err) if isinstance(err, CheckpointError) else f"checkpoint {str(path)!r}: {err}")
+            continue
+        intact.append((step, path.name == "last.ckpt", path))
+    if not intact:
+        raise CheckpointError(f"no intact checkpoint in {str(directory)!r}: " + "; ".join(skipped))
+    step, _, path = max(intact)
+    return path, step, skipped
 
 
 # ----- exact mid-epoch resume -----------------------------------------------------------------
@@ -596,13 +689,7 @@ def convert_checkpoint(
         optimizer = create_optimizer(optimizer, module)
     checkpoint["optimizer_states"] = [convert_optimizer_state(states[0], module, optimizer)]
     checkpoint["lr_schedulers"] = []
-    dst = Path(dst)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    atomic_write(buffer.getvalue(), dst)
     return checkpoint

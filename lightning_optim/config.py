@@ -407,6 +407,26 @@ class MonitorConfig:
             choice("monitor", "stats", stat, STATS)
 
 
+@dataclass
+class CheckpointConfig:
+    """The main job's ``checkpoint`` node (``python -m lightning_optim.train``).
+
+    ``every_n_steps``: a checkpoint every that many optimizer steps (``epoch=E-step=S.ckpt``)
+    and ``last.ckpt`` with it, each written atomically; ``keep``: how many of the step
+    checkpoints stay on disk (the newest; -1 keeps all), ``last.ckpt`` besides. Two, so that a
+    damaged newest file still leaves one to resume from.
+    """
+
+    every_n_steps: int = 50
+    keep: int = 2
+
+    def __post_init__(self) -> None:
+        if isinstance(self.every_n_steps, bool) or not isinstance(self.every_n_steps, int) or self.every_n_steps < 1:
+            raise invalid("checkpoint", "every_n_steps", self.every_n_steps, "must be an int >= 1")
+        if isinstance(self.keep, bool) or not isinstance(self.keep, int) or (self.keep < 1 and self.keep != -1):
+            raise invalid("checkpoint", "keep", self.keep, "must be an int >= 1, or -1 to keep all")
+
+
 def _coerce(kind: str, cls: type, value: Any, name_field: str | None = "name") -> Any:
     """A user's value -> the checked dataclass ``cls``."""
     if isinstance(value, cls):

@@ -51,12 +51,14 @@ from torchmetrics.text import Perplexity
 
 from . import conf  # noqa: F401  (registers the config schemas)
 from .callback import MomentMonitor, OptimizerCallback
-from .config import COMPONENT_NODES, compose_error, node_error
+from .checkpoint import ResumableDataLoader
+from .config import COMPONENT_NODES, CheckpointConfig, compose_error, node_error
 from .corpus import Corpus, TokenWindows, load_corpus, zipf_exponent
 from .dashboard import NoMetricsError, render
-from .loggers import build_logger, close
+from .loggers import build_logger, close, cut_metrics
 from .models import TinyGPT
-from .validation import ConfigurationError, invalid
+from .resume import AtomicCheckpointIO, StepCheckpoint, resolve_resume
+from .validation import ConfigurationError, invalid, suggest
 
 log = logging.getLogger(__name__)
 # The main job's own components, by the node their errors belong to (with the library's).
@@ -95,12 +97,18 @@ class GPTTask(pl.LightningModule):
 
 
 def gpt_data(corpus: Any, seq_len: int, batch_size: int, val_batches: int, seed: int) -> tuple[DataLoader, DataLoader]:
-    """Shuffled (seeded) training windows; ``val_batches`` batches of windows spread over the validation split."""
+    """Shuffled (seeded) training windows; ``val_batches`` batches of windows spread over the validation split.
+
+    The training loader is a :class:`~lightning_optim.checkpoint.ResumableDataLoader`: a run
+    resumed mid-epoch continues with the batches (and the global RNG states) the interrupted
+    one would have seen. The validation loader gets a generator of its own, so that starting
+    its iterator does not draw from the global RNG (torch's loader does, for its worker seed):
+    a resumed run, which skips the validation Lightning ran right after the checkpoint, then
+    draws the same dropout masks as an uninterrupted one."""
     train = TokenWindows(corpus.train, seq_len)
     val = TokenWindows(corpus.val, seq_len, limit=val_batches * batch_size)
-    gen = torch.Generator().manual_seed(seed)
-    return (DataLoader(train, batch_size=batch_size, shuffle=True, generator=gen, drop_last=True, num_workers=0),
-            DataLoader(val, batch_size=batch_size, num_workers=0))
+    return (ResumableDataLoader(train, batch_size=batch_size, shuffle=True, seed=seed, drop_last=True, num_workers=0),
+            DataLoader(val, batch_size=batch_size, num_workers=0, generator=torch.Generator()))
 
 
 def build_callback(cfg: DictConfig) -> OptimizerCallback:
@@ -128,6 +136,9 @@ class Job(NamedTuple):
     checkpoint: ModelCheckpoint
     logger: Logger
     corpus: Corpus
+    resume: Path | None  # the checkpoint the run continues from
+    resume_step: int  # its optimizer steps (0 for a new run)
+    notes: list[str]  # what resolving `resume` found, for the console
 
 
 @contextlib.contextmanager
@@ -143,6 +154,39 @@ def node(name: str | None = None, *foreign: type[BaseException]) -> Iterator[Non
         raise ConfigurationError(f"{name}: {err}") from err
 
 
+def _known_keys() -> dict[str, set[str] | None]:
+    """The root keys of ``conf/config.yaml``: its groups (None: their schemas check their keys)
+    and its own nodes, with the keys each may hold (``model``, ``data``, ``checkpoint``)."""
+    primary = OmegaConf.load(Path(conf.__file__).parent / "config.yaml")
+    known: dict[str, set[str] | None] = {}
+    for entry in primary.defaults:
+        if isinstance(entry, DictConfig) or isinstance(entry, dict):
+            known.update({str(group): None for group in entry})
+    for key, value in primary.items():
+        if key not in ("defaults", "hydra"):
+            known[str(key)] = set(value) if isinstance(value, DictConfig) else None
+    return known
+
+
+def _check_keys(cfg: DictConfig) -> None:
+    """Refuse a key the config does not have: Hydra refuses ``ckpt_path=x`` (not in the config)
+    but adds ``+ckpt_path=x`` (or ``+model.foo=1``), which would then be ignored silently."""
+    known = _known_keys()
+    for key in cfg:
+        if key == "hydra":
+            continue
+        if key not in known:
+            hint = " (to continue a run: resume=auto or resume=PATH)" if "ckpt" in str(key) or "resum" in str(key) else ""
+            raise ConfigurationError(f"config: unknown key {key}={cfg[key]!r}: the config has no such key"
+                                     f"{suggest(key, known)}{hint}")
+        inner = known[key]
+        if inner is not None and isinstance(cfg[key], DictConfig):
+            for sub in cfg[key]:
+                if sub not in inner:
+                    raise ConfigurationError(f"{key}: unknown key {sub}={cfg[key][sub]!r}: {key} has "
+                                             f"{', '.join(sorted(inner))}{suggest(sub, inner)}")
+
+
 def _positive_int(node_name: str, field: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise invalid(node_name, field, value, "must be an int >= 1")
@@ -152,20 +196,26 @@ def _positive_int(node_name: str, field: str, value: Any) -> int:
 def prepare(cfg: DictConfig, out: Path) -> Job:
     """Build the run from a composed config, each node checked (a ``ConfigurationError`` names
     the node). Nothing is written under ``out``; the corpus is built into its cache the first time."""
+    _check_keys(cfg)
     callback = build_callback(cfg)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     with node("monitor", TypeError):
         monitor = MomentMonitor(**cfg.monitor)  # monitor=off: enabled=false, a monitor that does nothing
+    with node("checkpoint", TypeError):
+        saving = CheckpointConfig(**cfg.checkpoint)
+    resume, resume_step, notes = resolve_resume(cfg.resume, out)
     with node("logger", TypeError, ValueError, MisconfigurationException):
-        logger = build_logger(OmegaConf.to_container(cfg.logger, resolve=True), str(out))
-    ckpt = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True)
+        logger = build_logger(OmegaConf.to_container(cfg.logger, resolve=True), str(out), resume=resume is not None)
+    ckpt = StepCheckpoint(out / "checkpoints", saving.every_n_steps, saving.keep)
     callbacks = [callback, ckpt, monitor]
     if trainer_kwargs.get("enable_progress_bar", True) is not False:
         # Lightning picks its Rich bar when rich is installed, which titles a max_steps run
         # (max_epochs=-1) "Epoch 0/-2"; the TQDM bar says "Epoch 0" and counts to max_steps.
         callbacks.append(TQDMProgressBar())
     with node("trainer", TypeError, ValueError, MisconfigurationException):
-        trainer = pl.Trainer(default_root_dir=str(out), logger=logger, callbacks=callbacks, **trainer_kwargs)
+        plugins = [*(trainer_kwargs.pop("plugins", None) or []), AtomicCheckpointIO()]
+        trainer = pl.Trainer(default_root_dir=str(out), logger=logger, callbacks=callbacks, plugins=plugins,
+                             **trainer_kwargs)
     d, m = cfg.data, cfg.model
     with node("data"):
         batch_size = _positive_int("data", "batch_size", d.batch_size)
@@ -175,7 +225,7 @@ def prepare(cfg: DictConfig, out: Path) -> Job:
     with node("model"):
         model = GPTTask(corpus.vocab_size, m.d_model, m.n_layers, m.n_heads, m.seq_len, m.dropout)
         train, val = gpt_data(corpus, m.seq_len, batch_size, val_batches, cfg.seed)
-    return Job(trainer, model, train, val, callback, ckpt, logger, corpus)
+    return Job(trainer, model, train, val, callback, ckpt, logger, corpus, resume, resume_step, notes)
 
 
 def check(cfg: DictConfig) -> None:
@@ -273,8 +323,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         corpus, trainer, logger, ckpt = job.corpus, job.trainer, job.logger, job.checkpoint
         _say(f"corpus: {corpus.meta['files']} stdlib files, vocab {corpus.vocab_size}, {len(corpus.train):,} train / "
              f"{len(corpus.val):,} validation tokens, Zipf exponent {zipf_exponent(corpus.train):.2f}")
+        for note in job.notes:
+            _say(note)
+        if cfg.resume is not None:  # the rows the killed run logged after the checkpoint are logged again
+            kept, dropped = cut_metrics(out / "logs" / "metrics.csv", job.resume_step)
+            if kept or dropped:
+                _say(f"metrics.csv: continued from step {job.resume_step} ({kept} rows kept, {dropped} rows "
+                     "logged after the checkpoint dropped)")
         with node():  # what only the fit finds (a schedule's total counted from the epochs)
-            trainer.fit(job.model, job.train, job.val)
+            trainer.fit(job.model, job.train, job.val, ckpt_path=job.resume)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         close(logger)
         try:
