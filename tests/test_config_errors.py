@@ -52,6 +52,9 @@ CLI_ERRORS = [
      "its options are schedule, by"),
     ("optimizer.lr=abc",
      "optimizer: lr='abc' is invalid: Value 'abc' of type 'str' could not be converted to Float"),
+    ("partition.rules=[{match:'*',lrr:0.1}]",  # an option the optimizer's groups do not have
+     "partition: rules[0].lrr=0.1 is invalid: coupled_adam has no option 'lrr' (did you mean 'lr'?); its options "
+     "are lr, betas, eps, weight_decay, amsgrad, maximize, bias_correction, coupled, coupling_scale, master_weights"),
     ("optimizer=adamx",
      "optimizer: optimizer='adamx' is invalid: must be one of adagrad, adam, adamw, amsgrad, coupled_adam, lion, "
      "momentum, nadam, nesterov, radam, rmsprop, sgd, yogi (did you mean 'adam' or 'adamw' or 'nadam'?)"),
