@@ -30,6 +30,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from omegaconf import DictConfig, OmegaConf
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -173,3 +174,43 @@ def resolve_resume(resume: Any, run_dir: str | os.PathLike) -> tuple[Path | None
     except (CheckpointError, FileNotFoundError) as err:
         raise ConfigurationError(f"resume: {err}") from err
     return path, step, [f"resume: continuing from {str(path)!r} (step {step})"]
+
+
+# Keys a resumed run must share with the run it continues: other values would load the
+# checkpoint into another model or train it on other data.
+FIXED = ("model", "data", "seed")
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def config_changes(cfg: DictConfig, run_dir: str | os.PathLike) -> list[str]:
+    """What a run resumed in ``run_dir`` with ``cfg`` changes against the config the run was
+    started with (Hydra's ``run_dir/.hydra/config.yaml``, before this run replaces it): one
+    ``key (old there, new here)`` per differing key, ``resume`` and ``hydra`` aside.
+
+    Raises ``ConfigurationError`` when a key of :data:`FIXED` differs (``data.cache_dir``
+    aside); a run continued with other values elsewhere (a longer ``trainer.max_steps``, another
+    logger) is no longer the uninterrupted run's twin, which the caller says.
+    """
+    stored = Path(run_dir) / ".hydra" / "config.yaml"
+    if not stored.is_file():
+        return []
+    old = _flat(OmegaConf.to_container(OmegaConf.load(stored), resolve=False))
+    new = _flat(OmegaConf.to_container(cfg, resolve=False))
+    keys = sorted(k for k in old.keys() | new.keys()
+                  if k.split(".")[0] not in ("hydra", "resume") and old.get(k, "<unset>") != new.get(k, "<unset>"))
+    changes = [f"{k} ({old.get(k, '<unset>')!r} there, {new.get(k, '<unset>')!r} here)" for k in keys]
+    fixed = [c for k, c in zip(keys, changes) if k.split(".")[0] in FIXED and k != "data.cache_dir"]
+    if fixed:
+        raise ConfigurationError(
+            f"resume: the run in {str(run_dir)!r} was started with another model or data: {'; '.join(fixed)}; "
+            f"resume it with the overrides it was started with ({stored.parent / 'overrides.yaml'})"
+        )
+    return changes

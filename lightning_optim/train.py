@@ -57,7 +57,7 @@ from .corpus import Corpus, TokenWindows, load_corpus, zipf_exponent
 from .dashboard import NoMetricsError, render
 from .loggers import build_logger, close, cut_metrics
 from .models import TinyGPT
-from .resume import AtomicCheckpointIO, StepCheckpoint, resolve_resume
+from .resume import AtomicCheckpointIO, StepCheckpoint, config_changes, resolve_resume
 from .validation import ConfigurationError, invalid, suggest
 
 log = logging.getLogger(__name__)
@@ -238,6 +238,11 @@ def check(cfg: DictConfig) -> None:
     lightning_log.setLevel(logging.WARNING)  # the real run says "GPU available: ..." and the rest
     try:
         job = prepare(cfg, out)
+        if cfg.resume is not None:  # before Hydra replaces the run's .hydra/config.yaml with this one
+            changes = config_changes(cfg, out)
+            if changes:
+                print(f"warning: resume: this run differs from the one in {str(out)!r} in {'; '.join(changes)}: "
+                      "it continues it, but is not what the uninterrupted run would have been", file=sys.stderr)
         with node():
             job.callback.setup(job.trainer, job.model, "fit")  # the Trainer's clipping/accumulation next to ours
             total = job.callback.scheduler_config is None or job.callback.scheduler_config.total_steps

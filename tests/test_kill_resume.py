@@ -42,8 +42,8 @@ def env(tmp_path_factory) -> dict[str, str]:
     return {**os.environ, "LIGHTNING_OPTIM_CACHE": str(cache), "WANDB_MODE": "offline"}
 
 
-def train(run_dir: Path, env: dict[str, str], *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lightning_optim.train", *TINY, *extra, f"hydra.run.dir={run_dir}"],
+def train(run_dir: Path, env: dict[str, str], *extra: str, base: list[str] = TINY) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lightning_optim.train", *base, *extra, f"hydra.run.dir={run_dir}"],
                           cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=TIMEOUT)
 
 
@@ -204,6 +204,40 @@ def test_a_used_run_directory_is_refused_without_resume_and_nothing_changes(unin
                           "holds an earlier run (")
     assert "resume=auto" in err and "another hydra.run.dir" in err
     assert tree(uninterrupted) == before  # every file and its bytes
+
+
+@pytest.mark.slow
+def test_resume_with_another_model_is_refused_and_nothing_changes(uninterrupted, env):
+    before = tree(uninterrupted)
+    proc = train(uninterrupted, env, "resume=auto", "model.d_model=64")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    err = proc.stderr.strip()
+    assert err == (f"lightning_optim.train: invalid configuration: resume: the run in '{uninterrupted}' was started "
+                   "with another model or data: model.d_model (32 there, 64 here); resume it with the overrides it "
+                   f"was started with ({uninterrupted / '.hydra' / 'overrides.yaml'})"), err
+    assert tree(uninterrupted) == before
+
+
+@pytest.mark.slow
+def test_a_resumed_wandb_run_keeps_its_id_and_one_history(env, tmp_path):
+    """logger=wandb (offline): the resumed run writes a new offline-run directory under the same
+    run id, and the two read back (as the dashboard reads them) as one history, each step once.
+    The second run is longer than the first, so it says that it is no twin of an uninterrupted run."""
+    from lightning_optim.wandb_history import read_history, run_files
+
+    run_dir = tmp_path / "run"
+    base = [o for o in TINY if not o.startswith("+logger.")] + ["logger=wandb"]
+    first = train(run_dir, env, "trainer.max_steps=10", base=base)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = train(run_dir, env, "trainer.max_steps=15", "resume=auto", base=base)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert (f"warning: resume: this run differs from the one in '{run_dir}' in trainer.max_steps (10 there, 15 here)"
+            in second.stderr)
+    runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({name.rsplit("-", 1)[1] for name in runs}) == 1, runs
+    files = run_files(sorted((run_dir / "wandb").rglob("run-*.wandb")))
+    steps = [row["trainer/global_step"] for f in files for row in read_history(f) if "train/loss" in row]
+    assert steps == list(range(15))
 
 
 @pytest.mark.parametrize("override, message", [
