@@ -21,6 +21,12 @@ The run's log file, ``<run dir>/train.log`` (Hydra's job logging), holds the run
 Lightning's (it keeps its own console handler), this package's (the optimizer's one-line
 summary among them) and the paths printed at the end.
 
+Stop and resume (:mod:`lightning_optim.resume`): ``checkpoint.every_n_steps`` writes atomic
+checkpoints, committed after the metrics before them; ``resume=auto`` (or a path) continues
+the run in ``hydra.run.dir`` bit-identically, its ``metrics.csv`` cut back to the checkpoint
+and continued; without ``resume`` a directory holding a run is refused, as is a key the
+config does not have (``+ckpt_path=...``).
+
 The main job: a tiny GPT (:class:`~lightning_optim.models.TinyGPT`, tied embeddings) on the
 running interpreter's standard-library source, byte-level BPE tokens
 (:mod:`lightning_optim.corpus`; prepared once, then cached). No download.
