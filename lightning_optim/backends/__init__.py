@@ -53,10 +53,10 @@ from collections.abc import Callable, Iterable
 import torch
 
 from ..validation import ConfigurationError, ConflictingOptions, boolean, choice, invalid, optional_boolean
-from . import foreach, reference
+from . import compiled, foreach, reference
 from . import triton as triton_backend
 
-BACKENDS = ("auto", "reference", "foreach", "triton")
+BACKENDS = ("auto", "reference", "foreach", "triton", "compiled")
 
 # Devices whose foreach ops are known to work. torch falls back to a per-tensor C++ loop
 # where it has no fused kernel, which still beats a Python loop.
@@ -193,4 +193,5 @@ def capturable_warning(owner: str, resolved: str, params: Iterable[torch.Tensor]
 
 def runner(backend: str) -> Runner:
     """``run(rule, params, grads, state, steps, group)`` of a resolved backend."""
-    return {"reference": reference.run, "foreach": foreach.run, "triton": triton_backend.run}[backend]
+    return {"reference": reference.run, "foreach": foreach.run, "triton": triton_backend.run,
+            "compiled": compiled.run}[backend]

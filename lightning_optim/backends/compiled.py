@@ -1,0 +1,382 @@
+"""The compiled backend: every rule of :mod:`.reference`, compiled by Inductor over a bucket.
+
+Each rule here is the reference rule written as a pure function of one tensor's values
+(``w, g, state..., c``) that returns the new values, following the reference's numbered
+steps; :func:`run` applies it to every tensor of a (device, dtype) bucket inside one
+``torch.compile(fullgraph=True)`` graph and writes the results back in place. Inductor
+fuses each tensor's whole update into one loop (a vectorised C++ loop on CPU, a Triton
+kernel on CUDA), so a step reads p, g and the state once and writes p and the state once,
+where the foreach backend streams the bucket through memory once per op.
+
+What specialises a graph, and what does not:
+
+- the *structure* of a group (the rule, ``maximize``, ``amsgrad``, ``nesterov``,
+  ``centered``, ``momentum != 0``, ``weight_decay != 0``, decoupled decay, master weights,
+  a finished Coupled Adam row) is baked into the graph as Python constants: one compile per
+  configuration;
+- every *float* of a step (lr, betas, eps, weight decay, the bias corrections, NAdam's
+  momentum products, RAdam's rectification) is computed on the host from the group and the
+  step counts, in float64 as the reference computes them, and enters the graph as one
+  ``[n_tensors, n_coefficients]`` tensor in the working dtype. An LR schedule, the step
+  count, per-group lr or betas changes therefore never recompile;
+- the bucket's tensors (their count, shapes, strides and dtypes) are static (``dynamic=False``):
+  each distinct bucket gets its own copy of the step function (its own code object, so its
+  own Dynamo cache) and compiles once; the same bucket reuses its graph on every step.
+
+Step counts can differ inside a bucket (a param that first got a gradient late): the
+coefficients are per tensor, and RAdam's switch between the rectified and the plain step is
+a per-tensor 0/1 coefficient selected with ``where``, not a Python branch.
+
+Coupled Adam's shared row: without sharding the mean of g^2 over dim 0 is computed in the
+graph; with a row-sharded param (a ``row_mean`` hook) the local row sums are computed
+outside the graph, finished by the hook (an all-reduce), and enter the graph as inputs, as
+on the triton backend.
+
+If Inductor cannot compile a step (no C++ compiler, an unsupported torch or Python, an
+Inductor error), the bucket runs on :mod:`.foreach` instead (same results, several passes
+over memory), with one :class:`~lightning_optim.validation.LightningOptimWarning` per
+process that names the reason.
+
+Cost: compiling happens on the first step of each bucket configuration. On 2 CPU cores a
+cold process pays ~30 s before the first graph (Inductor's own start-up) plus seconds per
+graph; Inductor's on-disk cache (``TORCHINDUCTOR_CACHE_DIR``) makes later processes faster.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ..validation import LightningOptimWarning
+from . import foreach
+
+# ----- the rules, one tensor at a time, as pure functions ------------------------------------
+# ``c`` is the tensor's row of coefficients (0-d tensors when indexed); ``f`` the structural
+# flags of the configuration. Each returns (new w, {state key: new value}).
+
+
+def _grad(w: Tensor, g: Tensor, c: Tensor, f: dict, *, l2: bool) -> Tensor:
+    """Reference ``_grad``: negated to maximize, plus ``wd * p`` for L2 decay (c[0] = wd)."""
+    if f["maximize"]:
+        g = -g
+    if l2 and f["wd"]:
+        g = g + c[0] * w
+    return g
+
+
+def _sgd(w, g, s, c, f):
+    # c: wd, mu, 1 - dampening (1 on a tensor's first step), -lr
+    g = _grad(w, g, c, f, l2=True)
+    new = {}
+    if f["momentum"]:
+        # 1. buf = mu * buf + (1 - dampening) * g
+        buf = s["momentum_buffer"] * c[1] + c[2] * g
+        new["momentum_buffer"] = buf
+        # 2. Nesterov: g + mu * buf
+        g = g + c[1] * buf if f["nesterov"] else buf
+    # 3. p = p - lr * g
+    return w + c[3] * g, new
+
+
+def _sgd_coefficients(h: dict, t: float) -> list[float]:
+    return [h["weight_decay"], h["momentum"], 1.0 if t == 1 else 1 - h["dampening"], -h["lr"]]
+
+
+def _adagrad(w, g, s, c, f):
+    # c: wd, -clr, eps
+    g = _grad(w, g, c, f, l2=True)
+    # 2. sum = sum + g^2
+    acc = s["sum"] + g * g
+    # 3. p = p - clr * g / (sqrt(sum) + eps)
+    return w + c[1] * (g / (acc.sqrt() + c[2])), {"sum": acc}
+
+
+def _adagrad_coefficients(h: dict, t: float) -> list[float]:
+    # 1. clr = lr / (1 + (t - 1) * lr_decay)
+    return [h["weight_decay"], -h["lr"] / (1 + (t - 1) * h["lr_decay"]), h["eps"]]
+
+
+def _rmsprop(w, g, s, c, f):
+    # c: wd, alpha, 1 - alpha, eps, momentum, -lr
+    g = _grad(w, g, c, f, l2=True)
+    # 1. square_avg = alpha * square_avg + (1 - alpha) * g^2
+    sq = s["square_avg"] * c[1] + c[2] * g * g
+    new = {"square_avg": sq}
+    if f["centered"]:
+        # 2c. sqrt(E[g^2] - E[g]^2), clamped at 0 as in the reference
+        ga = torch.lerp(s["grad_avg"], g, c[2])
+        new["grad_avg"] = ga
+        avg = (sq - ga * ga).clamp_min(0.0).sqrt()
+    else:
+        avg = sq.sqrt()
+    avg = avg + c[3]
+    if f["momentum"]:
+        # 3m. buf = momentum * buf + g / avg; p = p - lr * buf
+        buf = s["momentum_buffer"] * c[4] + g / avg
+        new["momentum_buffer"] = buf
+        return w + c[5] * buf, new
+    # 3. p = p - lr * g / avg
+    return w + c[5] * (g / avg), new
+
+
+def _rmsprop_coefficients(h: dict, t: float) -> list[float]:
+    return [h["weight_decay"], h["alpha"], 1 - h["alpha"], h["eps"], h["momentum"], -h["lr"]]
+
+
+def _adam(w, g, s, c, f, row=None):
+    # c: wd, 1 - lr * wd, 1 - beta1, beta2, 1 - beta2, sqrt(bc2), eps, -lr / bc1, coupling_scale
+    g = _grad(w, g, c, f, l2=not f["decoupled"])
+    if f["decoupled"] and f["wd"]:
+        w = w * c[1]
+    # 1. m = beta1 * m + (1 - beta1) * g
+    m = torch.lerp(s["exp_avg"], g, c[2])
+    new = {"exp_avg": m}
+    # 2. v = beta2 * v + (1 - beta2) * g^2; coupled: the mean of g^2 over dim 0 (``row``,
+    #    finished outside the graph under sharding)
+    if f["coupled"]:
+        if row is None:
+            row = (g * g).sum(0, keepdim=True) / g.shape[0]
+        v = s["exp_avg_sq"] * c[3] + c[4] * row
+    else:
+        v = s["exp_avg_sq"] * c[3] + c[4] * g * g
+    new["exp_avg_sq"] = v
+    # 3. AMSGrad: the running maximum of v
+    if f["amsgrad"]:
+        v = torch.maximum(s["max_exp_avg_sq"], v)
+        new["max_exp_avg_sq"] = v
+    # 5. p = p - lr/bc1 * m / (sqrt(v / bc2) + eps), v scaled by coupling_scale if coupled
+    if f["coupled"]:
+        v = v * c[8]
+    denom = v.sqrt() / c[5] + c[6]
+    return w + c[7] * (m / denom), new
+
+
+def _adam_coefficients(h: dict, t: float) -> list[float]:
+    beta1, beta2 = h["betas"]
+    # 4. bias corrections (Kingma & Ba 2015, Alg. 1)
+    bc1, bc2 = (1 - beta1**t, 1 - beta2**t) if h["bias_correction"] else (1.0, 1.0)
+    return [h["weight_decay"], 1 - h["lr"] * h["weight_decay"], 1 - beta1, beta2, 1 - beta2,
+            math.sqrt(bc2), h["eps"], -h["lr"] / bc1, h.get("coupling_scale", 1.0)]
+
+
+def _nadam(w, g, s, c, f):
+    # c: wd, 1 - lr * wd, 1 - beta1, beta2, 1 - beta2, bc2, eps, grad step, momentum step
+    g = _grad(w, g, c, f, l2=not f["decoupled"])
+    if f["decoupled"] and f["wd"]:
+        w = w * c[1]
+    # 2. the usual moments
+    m = torch.lerp(s["exp_avg"], g, c[2])
+    v = s["exp_avg_sq"] * c[3] + c[4] * g * g
+    denom = (v / c[5]).sqrt() + c[6]
+    # 3. a gradient term and a look-ahead momentum term
+    w = w + c[7] * (g / denom)
+    return w + c[8] * (m / denom), {"exp_avg": m, "exp_avg_sq": v}
+
+
+def _nadam_coefficients(h: dict, t: float, prod: float) -> list[float]:
+    beta1, beta2 = h["betas"]
+    lr, psi = h["lr"], h["momentum_decay"]
+    mu = beta1 * (1.0 - 0.5 * 0.96 ** (t * psi))
+    mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi))
+    return [h["weight_decay"], 1 - lr * h["weight_decay"], 1 - beta1, beta2, 1 - beta2, 1 - beta2**t,
+            h["eps"], -lr * (1.0 - mu) / (1.0 - prod), -lr * mu_next / (1.0 - prod * mu_next)]
+
+
+def _radam(w, g, s, c, f):
+    # c: wd, 1 - lr * wd, 1 - beta1, beta2, 1 - beta2, bc1, lr, sqrt(bc2), eps, rect, rectified?
+    g = _grad(w, g, c, f, l2=not f["decoupled"])
+    if f["decoupled"] and f["wd"]:
+        w = w * c[1]
+    m = torch.lerp(s["exp_avg"], g, c[2])
+    v = s["exp_avg_sq"] * c[3] + c[4] * g * g
+    m_hat = m / c[5]
+    # 1-2. rectified where rho_t > 5 (c[10] = 1), plain momentum SGD otherwise
+    rectified = m_hat * c[6] * (c[7] / (v.sqrt() + c[8])) * c[9]
+    update = torch.where(c[10] > 0, rectified, m_hat * c[6])
+    return w - update, {"exp_avg": m, "exp_avg_sq": v}
+
+
+def _radam_coefficients(h: dict, t: float) -> list[float]:
+    beta1, beta2 = h["betas"]
+    bc1, bc2 = 1 - beta1**t, 1 - beta2**t
+    # 1. rho_t (Liu et al. 2020, eq. 5) and the rectification term r_t
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * t * beta2**t / bc2
+    rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5 \
+        if rho_t > 5.0 else 0.0
+    return [h["weight_decay"], 1 - h["lr"] * h["weight_decay"], 1 - beta1, beta2, 1 - beta2, bc1, h["lr"],
+            math.sqrt(bc2), h["eps"], rect, 1.0 if rho_t > 5.0 else 0.0]
+
+
+def _lion(w, g, s, c, f):
+    # c: wd (unused), 1 - lr * wd, 1 - beta1, -lr, 1 - beta2
+    g = _grad(w, g, c, f, l2=False)
+    if f["wd"]:
+        w = w * c[1]
+    # 1. p = p - lr * sign(beta1 * m + (1 - beta1) * g)
+    w = w + c[3] * torch.lerp(s["exp_avg"], g, c[2]).sign()
+    # 2. then m = beta2 * m + (1 - beta2) * g
+    return w, {"exp_avg": torch.lerp(s["exp_avg"], g, c[4])}
+
+
+def _lion_coefficients(h: dict, t: float) -> list[float]:
+    beta1, beta2 = h["betas"]
+    return [h["weight_decay"], 1 - h["lr"] * h["weight_decay"], 1 - beta1, -h["lr"], 1 - beta2]
+
+
+def _yogi(w, g, s, c, f):
+    # c: wd (unused), 1 - lr * wd, 1 - beta1, -(1 - beta2), sqrt(bc2), eps, -lr / bc1
+    g = _grad(w, g, c, f, l2=False)
+    if f["wd"]:
+        w = w * c[1]
+    m = torch.lerp(s["exp_avg"], g, c[2])
+    # 1. v = v - (1 - beta2) * sign(v - g^2) * g^2, g^2 capped at the largest finite float
+    g2 = (g * g).clamp_max(torch.finfo(g.dtype).max)
+    v = s["exp_avg_sq"] + c[3] * torch.sign(s["exp_avg_sq"] - g2) * g2
+    # 2. bias-corrected like Adam
+    denom = v.sqrt() / c[4] + c[5]
+    return w + c[6] * (m / denom), {"exp_avg": m, "exp_avg_sq": v}
+
+
+def _yogi_coefficients(h: dict, t: float) -> list[float]:
+    beta1, beta2 = h["betas"]
+    bc1, bc2 = 1 - beta1**t, 1 - beta2**t
+    return [h["weight_decay"], 1 - h["lr"] * h["weight_decay"], 1 - beta1, -(1 - beta2), math.sqrt(bc2),
+            h["eps"], -h["lr"] / bc1]
+
+
+RULES: dict[str, tuple[Callable, Callable]] = {
+    "sgd": (_sgd, _sgd_coefficients),
+    "adagrad": (_adagrad, _adagrad_coefficients),
+    "rmsprop": (_rmsprop, _rmsprop_coefficients),
+    "adam": (_adam, _adam_coefficients),
+    "coupled_adam": (_adam, _adam_coefficients),
+    "nadam": (_nadam, _nadam_coefficients),
+    "radam": (_radam, _radam_coefficients),
+    "lion": (_lion, _lion_coefficients),
+    "yogi": (_yogi, _yogi_coefficients),
+}
+
+
+def flags(rule: str, h: dict) -> tuple[tuple[str, bool], ...]:
+    """The structural options of a group: what a graph is specialised on (floats are not)."""
+    f = {"maximize": bool(h.get("maximize", False)), "wd": h.get("weight_decay", 0) != 0,
+         "decoupled": bool(h.get("decoupled_weight_decay", False)), "coupled": rule == "coupled_adam",
+         "amsgrad": bool(h.get("amsgrad", False)), "nesterov": bool(h.get("nesterov", False)),
+         "momentum": h.get("momentum", 0) != 0, "centered": bool(h.get("centered", False))}
+    return tuple(sorted(f.items()))
+
+
+# ----- the bucket step and its graphs --------------------------------------------------------
+
+
+def _bucket_step(P, G, slots, masters, rows, C, *, rule, keys, config):
+    """Update every tensor of a bucket: the body each compiled graph traces. ``slots`` are
+    the state lists in ``keys`` order, ``masters`` the fp32 master copies (or None), ``rows``
+    Coupled Adam's finished rows (or None), ``C`` the coefficients, one row per tensor."""
+    fn = RULES[rule][0]
+    f = dict(config)
+    for i in range(len(P)):
+        p = P[i]
+        w = masters[i] if masters is not None else (p if p.dtype in (torch.float32, torch.float64) else p.float())
+        g = G[i].to(w.dtype)
+        s = {k: slots[j][i] for j, k in enumerate(keys)}
+        if rule == "coupled_adam":
+            new_w, new = fn(w, g, s, C[i], f, None if rows is None else rows[i])
+        else:
+            new_w, new = fn(w, g, s, C[i], f)
+        for k, value in new.items():
+            s[k].copy_(value)
+        if masters is not None:
+            masters[i].copy_(new_w)
+        p.copy_(new_w)
+
+
+# One compiled function per distinct bucket, each on its own copy of the step's code object:
+# Dynamo caches graphs per code object, so buckets never evict each other's graphs or count
+# as recompilations of one another.
+_GRAPHS: dict[tuple, Callable] = {}
+_compile: Callable = torch.compile
+_failed: str | None = None  # why compiling failed in this process; then every step is foreach's
+
+
+def _graph_for(key: tuple) -> Callable:
+    fn = _GRAPHS.get(key)
+    if fn is None:
+        code = _bucket_step.__code__.replace(co_name=f"compiled_{key[0]}_step_{len(_GRAPHS)}")
+        copy = types.FunctionType(code, _bucket_step.__globals__, code.co_name, None, None)
+        copy.__kwdefaults__ = _bucket_step.__kwdefaults__
+        fn = _GRAPHS[key] = _compile(copy, fullgraph=True, dynamic=False)
+    return fn
+
+
+def _coefficients(rule: str, state: dict, steps, h: dict) -> list[list[float]]:
+    coefficients = RULES[rule][1]
+    if rule != "nadam":
+        return [coefficients(h, t) for t in steps]
+    # NAdam's mu_product is a float32 scalar per param (torch's state format), multiplied and
+    # read on the host as the reference does, so the graph never sees it.
+    beta1, psi = h["betas"][0], h["momentum_decay"]
+    torch._foreach_mul_(state["mu_product"], [beta1 * (1.0 - 0.5 * 0.96 ** (t * psi)) for t in steps])
+    return [coefficients(h, t, x.item()) for t, x in zip(steps, state["mu_product"])]
+
+
+def _fall_back(reason: str) -> None:
+    global _failed
+    _failed = reason
+    warnings.warn(
+        f"backend='compiled' could not compile the optimizer step: {reason}. Using backend='foreach' "
+        "for every step in this process instead (the same update, in several passes over memory instead "
+        "of one). backend='foreach' silences this.",
+        LightningOptimWarning, stacklevel=4,
+    )
+
+
+def run(rule: str, params, grads, state, steps, group, row_mean=None) -> None:
+    """Apply ``rule`` to one (device, dtype) bucket in one compiled graph (see the module
+    docstring). The signature and the meaning of every argument are :mod:`.foreach`'s:
+    ``steps`` are Python floats, ``state["master_param"]`` the optional fp32 masters,
+    ``row_mean(i, local_row_sum)`` Coupled Adam's hook for row-sharded params."""
+    if _failed is not None or not params:
+        foreach.run(rule, params, grads, state, steps, group, row_mean=row_mean)
+        return
+    masters = state.get("master_param")
+    keys = tuple(k for k in state if k not in ("master_param", "mu_product"))
+    work_dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+    device = params[0].device
+    config = flags(rule, group)
+    # Computed before any state changes, so a failed compile can hand the bucket to foreach.
+    rows = None
+    if rule == "coupled_adam" and row_mean is not None:
+        rows = [row_mean(i, g.to(work_dtype).square().sum(0, keepdim=True)) for i, g in enumerate(grads)]
+    key = (rule, config, keys, masters is not None, rows is not None, device, params[0].dtype,
+           tuple(p.shape for p in params))
+    first = key not in _GRAPHS
+    try:
+        graph = _graph_for(key)
+    except Exception as error:  # torch.compile itself refused (an unsupported Python or torch)
+        _fall_back(f"{type(error).__name__}: {error}")
+        foreach.run(rule, params, grads, state, steps, group, row_mean=row_mean)
+        return
+    before = [x.clone() for x in state["mu_product"]] if first and rule == "nadam" else None
+    C = torch.tensor(_coefficients(rule, state, steps, group), dtype=work_dtype).to(device, non_blocking=True)
+    slots = [list(state[k]) for k in keys]
+    try:
+        graph(list(params), list(grads), slots, None if masters is None else list(masters), rows, C,
+              rule=rule, keys=keys, config=config)
+    except Exception as error:
+        if not first:
+            raise
+        # Compilation happens on the first call, before the graph touches a tensor: the
+        # bucket is as it was, but NAdam's products were already advanced on the host.
+        if before is not None:
+            for x, b in zip(state["mu_product"], before):
+                x.copy_(b)
+        _GRAPHS.pop(key, None)
+        _fall_back(f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}")
+        foreach.run(rule, params, grads, state, steps, group, row_mean=row_mean)
