@@ -111,7 +111,7 @@ class Fit:
 _FIELDS = [f.name for f in dataclasses.fields(C.OptimizerConfig) if f.name != "name"]
 # A value of the wrong type, and one of the right type out of range (None: the field has no range),
 # with the requirement each must report.
-_WRONG_TYPE = {"betas": (0.9, "must be a pair"), "backend": (3, "must be one of auto, reference, foreach, triton$")}
+_WRONG_TYPE = {"betas": (0.9, "must be a pair"), "backend": (3, "must be one of auto, reference, foreach, triton, compiled$")}
 _OUT_OF_RANGE = {
     "lr": (-1, None),  # OptimizerConfig's own check: lr > 0
     "betas": ([0.9, 1.0], None),
@@ -126,7 +126,7 @@ _OUT_OF_RANGE = {
     "initial_accumulator_value": (-1, "must be >= 0"),
     "momentum_decay": (-4e-3, "must be >= 0"),
     "coupling_scale": (0, lit("must be > 0")),
-    "backend": ("foreac", lit("must be one of auto, reference, foreach, triton (did you mean 'foreach'?)")),
+    "backend": ("foreac", lit("must be one of auto, reference, foreach, triton, compiled (did you mean 'foreach'?)")),
 }
 
 

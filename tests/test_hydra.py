@@ -68,7 +68,7 @@ NODE_ERRORS = [
     ("optimizer=sgd optimizer.nesterov=true", "optimizer: nesterov=True is invalid: Nesterov momentum needs momentum > 0"),
     ("optimizer=coupled_adam optimizer.coupling_scale=0", "optimizer: coupling_scale=0.0 is invalid: must be > 0"),
     ("optimizer=adam optimizer.momentum=0.9", "optimizer: momentum=0.9 is invalid: adam has no option 'momentum'"),
-    ("optimizer.backend=foreac", "optimizer: backend='foreac' is invalid: must be one of auto, reference, foreach, triton"),
+    ("optimizer.backend=foreac", "optimizer: backend='foreac' is invalid: must be one of auto, reference, foreach, triton, compiled"),
     ("scheduler=cosine scheduler.min_lr_ratio=2", "scheduler: min_lr_ratio=2.0 is invalid: must be in [0, 1]"),
     ("scheduler=cosine scheduler.gamma=0.5", "scheduler: gamma=0.5 is invalid: 'cosine' does not use it"),
     ("scheduler=warmup_cosine trainer.max_steps=50",  # found when the optimizer is built on the model

@@ -63,7 +63,7 @@ def _cases():
             yield name, {"nesterov": True, "momentum": 0.9, "dampening": 0.5}, _shape(
                 owner, "nesterov", True, r"Nesterov momentum needs .*dampening = 0.*dampening=0.5")
         yield name, {"backend": "foreac"}, _shape(
-            owner, "backend", "foreac", re.escape("must be one of auto, reference, foreach, triton (did you mean 'foreach'?)"))
+            owner, "backend", "foreac", re.escape("must be one of auto, reference, foreach, triton, compiled (did you mean 'foreach'?)"))
 
 
 CASES = list(_cases())
@@ -147,13 +147,13 @@ def test_add_param_group_rejects_bad_group_and_keeps_the_optimizer_intact(name):
 
 def test_unknown_backend_lists_the_valid_ones_and_suggests():
     with pytest.raises(ValueError, match=re.escape(
-            "AdamW: backend='foreac' is invalid: must be one of auto, reference, foreach, triton "
+            "AdamW: backend='foreac' is invalid: must be one of auto, reference, foreach, triton, compiled "
             "(did you mean 'foreach'?)")):
         AdamW(_params(), backend="foreac")
 
 
 def test_unknown_backend_far_from_any_has_no_suggestion():
-    with pytest.raises(ValueError, match=r"backend='cuda' is invalid: must be one of auto, reference, foreach, triton$"):
+    with pytest.raises(ValueError, match=r"backend='cuda' is invalid: must be one of auto, reference, foreach, triton, compiled$"):
         AdamW(_params(), backend="cuda")
 
 

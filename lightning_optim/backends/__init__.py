@@ -4,7 +4,12 @@
 - ``foreach``: multi-tensor ``torch._foreach_*`` ops, the default wherever Triton is not used;
 - ``triton``: one fused multi-tensor kernel per (device, dtype) bucket
   (:mod:`.triton`): CUDA tensors with Triton installed (``pip install lightning_optim[triton]``),
-  or CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``, for tests: slow).
+  or CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``, for tests: slow);
+- ``compiled``: each rule compiled by Inductor (``torch.compile``) over a whole bucket, one
+  pass over memory on any device Inductor has (:mod:`.compiled`); seconds of compiling per
+  bucket configuration on the first step, and ``foreach`` with one warning where compiling
+  fails. Only on request: ``auto`` never picks it (on a small job compiling costs more than
+  the steps save).
 
 ``auto`` picks ``triton`` when every param is a CUDA tensor of fp32, bf16 or fp16 and
 Triton is importable, else ``foreach`` on every device torch has foreach ops for, else
