@@ -60,6 +60,18 @@ Triton
     defaults to 1.0, the issue's target: every step clips on both sides (torch's rescales
     the shared grads to norm 1 once, then by a coefficient of about 1 each step).
 
+Compiled
+    ``compiled`` (each rule compiled by Inductor over the bucket, one pass over memory) is
+    timed on every device. Its first step compiles: the run prints that cost per rule,
+    cold (a fresh Inductor cache directory, unless ``--inductor-cache`` names one) and warm
+    (the same step again after ``torch._dynamo.reset()``: Dynamo traces again, Inductor reads
+    its on-disk cache). A new process pays about the warm figure plus Inductor's start-up.
+
+Floor
+    ``floor ms`` is ``B/param`` x params / the in-place bandwidth measured in the header
+    (``a.add_(b)``): the time a single-pass step that moves only the bytes it must would take
+    at that bus speed; ``vs floor`` is the median over it.
+
 Backends
     ``auto`` resolves to ``triton`` on CUDA when Triton is installed, else ``foreach``
     (the resolved name is shown), and is
@@ -84,6 +96,8 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import os
+import tempfile
 import gc
 import json
 import math
@@ -98,6 +112,7 @@ from typing import Any
 import torch
 
 from common import cpu_name, pick_device, sync
+from lightning_optim.backends import compiled as compiled_backend
 from lightning_optim.backends import triton as triton_backend
 from lightning_optim.clipping import GradientClipper
 from lightning_optim.registry import create_optimizer, optimizers, options
@@ -169,6 +184,7 @@ class Config:
     bytes_per_step: int = 0
     faults: int = 0  # CPU: minor page faults over all timed steps
     note: str = ""
+    compile_s: tuple[float, float] | None = None  # compiled: first step (cold cache), again (warm cache)
 
     @property
     def label(self) -> str:
@@ -384,9 +400,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=7, help="interleaved rounds (default 7)")
     ap.add_argument("--rules", default=",".join(optimizers()),
                     help="comma-separated registry names (default: all)")
-    ap.add_argument("--backends", default="auto,foreach,triton,reference",
-                    help="comma-separated backends (default auto,foreach,triton,reference; triton needs CUDA, "
-                         "reference needs --with-reference)")
+    ap.add_argument("--backends", default="auto,foreach,compiled,triton,reference",
+                    help="comma-separated backends (default auto,foreach,compiled,triton,reference; triton needs "
+                         "CUDA, reference needs --with-reference)")
+    ap.add_argument("--inductor-cache", metavar="DIR", default=None,
+                    help="Inductor's cache directory for the compiled rows (default: a fresh temporary one, so "
+                         "the first-step compile cost printed is the cold one)")
     ap.add_argument("--sizes", default=None,
                     help="instead of GPT-2's shapes, 1-D tensors: comma-separated N or NxK (K tensors of N)")
     ap.add_argument("--max-norm", type=float, default=1.0,
@@ -414,6 +433,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.malloc = keep_freed_memory() if args.keep_freed_memory else "system default"
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = args.inductor_cache or tempfile.mkdtemp(prefix="inductor-")
     device = pick_device(args.device, args.threads)
     if device is None:
         return 2
@@ -486,9 +506,12 @@ def main(argv=None) -> int:
     # Warm-up: state creation, allocator, first-touch page faults. Untimed; a failure drops the row.
     for c in list(configs):
         try:
-            for _ in range(args.warmup):
+            for i in range(args.warmup):
+                t0 = time.perf_counter()
                 c.opt.step()
-            sync(device)
+                sync(device)
+                if i == 0 and c.resolved == "compiled":
+                    c.compile_s = (time.perf_counter() - t0, float("nan"))
         except RuntimeError as e:
             notes.append(f"{c.rule} / {c.backend} skipped: step failed: {str(e).splitlines()[0]}")
             configs.remove(c)
@@ -499,6 +522,19 @@ def main(argv=None) -> int:
             c.bytes_per_step = triton_bytes(inner)
         if c.rule == "adamw + clip":
             c.bytes_per_step += sum(p.grad.nbytes for p in c.params)  # the norm reads g once more
+
+    # The compile again, from Inductor's on-disk cache: Dynamo forgets its graphs (reset), the
+    # backend its compiled functions; the next step traces again and loads the compiled code.
+    for c in configs:
+        if c.compile_s is not None:
+            compiled_backend._GRAPHS.clear()
+            torch._dynamo.reset()
+            t0 = time.perf_counter()
+            c.opt.step()
+            sync(device)
+            c.compile_s = (c.compile_s[0], time.perf_counter() - t0)
+    if compiled_backend._failed is not None:
+        notes.append(f"compiled rows fell back to foreach: {compiled_backend._failed}")
 
     # Interleaved rounds, rotating the starting configuration.
     gc.collect()
@@ -558,7 +594,8 @@ def report(args, device, dtype, vocab, shapes, n_params, configs, notes, bw, ela
         f"| ratio = time / baseline time (>1 slower) | timed region {elapsed:.1f} s"
     )
     print()
-    header = ["rule", "backend", "median ms", "spread", "vs AdamW foreach", "vs AdamW fused", "B/param", "GB/s"]
+    header = ["rule", "backend", "median ms", "spread", "vs AdamW foreach", "vs AdamW fused", "B/param", "GB/s",
+              "floor ms", "vs floor"]
     header.append("faults/step" if on_cpu else "host ms")
     rows = []
     for c in configs:
@@ -569,7 +606,9 @@ def report(args, device, dtype, vocab, shapes, n_params, configs, notes, bw, ela
         bpp = c.bytes_per_step / n_params
         gbs = c.bytes_per_step / (med / 1e3) / 1e9
         rule = c.rule + (f" ({c.note})" if c.note else "")
-        row = [rule, c.label, f"{med:.2f}", f"{spread:.0%}", ratio_fe, ratio_fu, f"{bpp:.1f}", f"{gbs:.1f}"]
+        floor = c.bytes_per_step / (bw["inplace"] * 1e9) * 1e3
+        row = [rule, c.label, f"{med:.2f}", f"{spread:.0%}", ratio_fe, ratio_fu, f"{bpp:.1f}", f"{gbs:.1f}",
+               f"{floor:.2f}", f"{med / floor:.2f}"]
         row.append(f"{c.faults / len(c.samples):.0f}" if on_cpu else f"{statistics.median(c.host):.3f}")
         rows.append(row)
     print("| " + " | ".join(header) + " |")
@@ -589,6 +628,11 @@ def report(args, device, dtype, vocab, shapes, n_params, configs, notes, bw, ela
            " host ms: median CPU time of the step() call (launches and Python); the step is launch-bound "
            "where it exceeds median ms.")
     )
+    costs = [(c.rule, c.compile_s) for c in configs if c.compile_s is not None]
+    if costs:
+        print("compile cost of the compiled rows, s (first step, which compiles, cold Inductor cache "
+              f"-> the same after torch._dynamo.reset(), warm on-disk cache; cache {os.environ['TORCHINDUCTOR_CACHE_DIR']}):")
+        print("  " + ", ".join(f"{rule} {cold:.1f} -> {warm:.1f}" for rule, (cold, warm) in costs))
     for n in notes:
         print(f"note: {n}")
 
@@ -609,6 +653,8 @@ def report(args, device, dtype, vocab, shapes, n_params, configs, notes, bw, ela
                     "ratio_vs_adamw_fused": _median(c) / base["adamw_fused"] if "adamw_fused" in base else None,
                     "minor_faults_per_step": c.faults / len(c.samples) if on_cpu else None,
                     "host_ms": None if on_cpu else statistics.median(c.host),
+                    "floor_ms": c.bytes_per_step / (bw["inplace"] * 1e9) * 1e3,
+                    "compile_s_cold_warm": c.compile_s,
                     "note": c.note,
                 }
                 for c in configs
