@@ -178,3 +178,37 @@ def test_resolve_accepts_compiled():
     p = torch.zeros(3, requires_grad=True)
     assert lo.AdamW([p], backend="compiled").backend == "compiled"
     assert lo.AdamW([p]).backend == "foreach"  # auto is unchanged: compiling costs more than a small job saves
+
+
+@pytest.mark.slow
+def test_coupled_row_finished_outside_the_graph():
+    """Coupled Adam's ``row_mean`` hook (a row-sharded param: the all-reduce that finishes the
+    mean over the global vocabulary) runs outside the graph, and its row enters the graph:
+    the same update as the reference given the same hook. Here the hook divides by twice the
+    local rows, as if another rank held as many rows with zero gradient."""
+    from lightning_optim.backends import reference
+
+    gen = torch.Generator().manual_seed(5)
+    group = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.1, "maximize": False,
+             "amsgrad": False, "bias_correction": True, "decoupled_weight_decay": True, "coupling_scale": 1.0}
+    calls = []
+
+    def hook(i, row_sum):
+        calls.append(i)
+        return row_sum.div_(2 * shapes[i][0])
+
+    shapes = [(6, 5), (7, 3)]
+    results = {}
+    for name, backend in (("reference", reference), ("compiled", compiled)):
+        params = [torch.randn(s, generator=torch.Generator().manual_seed(1)) for s in shapes]
+        state = {"exp_avg": [torch.zeros(s) for s in shapes], "exp_avg_sq": [torch.zeros(1, s[1]) for s in shapes]}
+        gen.manual_seed(5)
+        for t in (1.0, 2.0, 3.0):
+            grads = [torch.randn(s, generator=gen) for s in shapes]
+            backend.run("coupled_adam", params, grads, state, [t, t], group, row_mean=hook)
+        results[name] = (params, state)
+    assert calls == [0, 1] * 6  # once per tensor and step, on both backends
+    for a, e in zip(results["compiled"][0], results["reference"][0]):
+        assert_rel(a, e, 1e-6)
+    for a, e in zip(results["compiled"][1]["exp_avg_sq"], results["reference"][1]["exp_avg_sq"]):
+        assert_rel(a, e, 1e-6)
