@@ -41,18 +41,31 @@ with its reason.
 from __future__ import annotations
 
 import copy
+import os
 import re
 import warnings
 
 import pytest
 import torch
 
-# torch's test database (it needs the ``expecttest`` package, in the dev extra).
-from torch.testing._internal.common_optimizers import (
+# torch's test database (it needs the ``expecttest`` package, in the dev extra). Importing it
+# runs torch's test-suite setup, which changes process-wide state that the rest of our suite
+# relies on: it freezes the cudnn flags (``torch.backends.disable_global_flags``, so every later
+# ``Trainer(deterministic=True)`` raises) and points Inductor at a fresh cache directory. Both
+# are put back right after the import.
+_INDUCTOR_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+from torch.testing._internal.common_optimizers import (  # noqa: E402
     OptimizerErrorEnum,
     _get_optim_inputs_including_global_cliquey_kwargs,
     optim_db,
 )
+
+# The flag lives in torch.backends' own globals (the attribute is a module proxy's).
+torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
+if _INDUCTOR_CACHE is None:
+    os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+else:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _INDUCTOR_CACHE
 
 import lightning_optim as lo
 from lightning_optim import backends
@@ -67,6 +80,13 @@ DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128)
 # RAdam rectifies from step 6 at beta2 = 0.999: 7 steps see both of its branches.
 STEPS = 7
 TOL = 1e-6
+
+
+def test_importing_the_database_leaves_process_state_as_it_was():
+    # The rest of the suite builds Trainer(deterministic=True) and compiles with Inductor's cache.
+    assert not torch.backends.flags_frozen()
+    torch.backends.cudnn.benchmark = False  # what Lightning's Trainer sets: must not raise
+    assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") == _INDUCTOR_CACHE
 
 
 def test_database_has_every_shared_class():
