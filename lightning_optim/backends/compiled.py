@@ -318,7 +318,8 @@ def _graph_for(key: tuple) -> Callable:
 def _coefficients(rule: str, state: dict, steps, h: dict) -> list[list[float]]:
     coefficients = RULES[rule][1]
     if rule != "nadam":
-        return [coefficients(h, t) for t in steps]
+        rows: dict[float, list[float]] = {}  # usually one step count for the whole bucket
+        return [rows[t] if t in rows else rows.setdefault(t, coefficients(h, t)) for t in steps]
     # NAdam's mu_product is a float32 scalar per param (torch's state format), multiplied and
     # read on the host as the reference does, so the graph never sees it.
     beta1, psi = h["betas"][0], h["momentum_decay"]
