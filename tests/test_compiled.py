@@ -212,3 +212,23 @@ def test_coupled_row_finished_outside_the_graph():
         assert_rel(a, e, 1e-6)
     for a, e in zip(results["compiled"][1]["exp_avg_sq"], results["reference"][1]["exp_avg_sq"]):
         assert_rel(a, e, 1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["adamw", "radam"])
+def test_tensors_on_different_steps_in_one_bucket(name):
+    """A param that gets its first gradient late counts its own steps: per-tensor coefficients
+    (RAdam: the rectified step on some tensors and the plain one on others, in one graph)."""
+    runs = {}
+    for backend in ("reference", "compiled"):
+        params = make_params(torch.float32)
+        opt = build_for_rule(name, {}, params, backend)
+        gen = torch.Generator().manual_seed(2)
+        for step in range(8):
+            set_grads(params, gen)
+            if step < 5:
+                params[2].grad = None  # joins on step 6: steps 1-3 while the others are at 6-8
+            opt.step()
+        runs[backend] = (params, opt)
+    assert runs["compiled"][1].state[runs["compiled"][0][2]]["step"].item() == 3.0
+    assert_matches(*runs["compiled"], *runs["reference"])

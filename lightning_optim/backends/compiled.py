@@ -352,10 +352,10 @@ def run(rule: str, params, grads, state, steps, group, row_mean=None) -> None:
     device = params[0].device
     config = flags(rule, group)
     # Computed before any state changes, so a failed compile can hand the bucket to foreach.
-    rows = None
+    finished = None
     if rule == "coupled_adam" and row_mean is not None:
-        rows = [row_mean(i, g.to(work_dtype).square().sum(0, keepdim=True)) for i, g in enumerate(grads)]
-    key = (rule, config, keys, masters is not None, rows is not None, device, params[0].dtype,
+        finished = [row_mean(i, g.to(work_dtype).square().sum(0, keepdim=True)) for i, g in enumerate(grads)]
+    key = (rule, config, keys, masters is not None, finished is not None, device, params[0].dtype,
            tuple(p.shape for p in params))
     first = key not in _GRAPHS
     try:
@@ -365,10 +365,15 @@ def run(rule: str, params, grads, state, steps, group, row_mean=None) -> None:
         foreach.run(rule, params, grads, state, steps, group, row_mean=row_mean)
         return
     before = [x.clone() for x in state["mu_product"]] if first and rule == "nadam" else None
-    C = torch.tensor(_coefficients(rule, state, steps, group), dtype=work_dtype).to(device, non_blocking=True)
+    rows = _coefficients(rule, state, steps, group)
+    if all(r is rows[0] for r in rows):  # one step count: one row, repeated in C++
+        C = torch.tensor(rows[0], dtype=work_dtype).repeat(len(rows), 1)
+    else:
+        C = torch.tensor(rows, dtype=work_dtype)
+    C = C.to(device, non_blocking=True)
     slots = [list(state[k]) for k in keys]
     try:
-        graph(list(params), list(grads), slots, None if masters is None else list(masters), rows, C,
+        graph(list(params), list(grads), slots, None if masters is None else list(masters), finished, C,
               rule=rule, keys=keys, config=config)
     except Exception as error:
         if not first:
