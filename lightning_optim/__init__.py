@@ -1,7 +1,8 @@
 """lightning_optim: fast, inspectable optimizers for PyTorch Lightning.
 
 The optimizers work in plain PyTorch; the Lightning and Hydra pieces live in their own
-modules. See DESIGN.md for the data flow: partition -> optimizer -> statistics -> loggers.
+modules. The data flow, partition -> optimizer -> statistics -> loggers, is described in
+docs/architecture.md.
 """
 
 from .checkpoint import (

@@ -45,7 +45,7 @@ REGISTRY: dict[str, Entry] = {
 
 
 def optimizers() -> list[str]:
-    """The registry names, in the order of the DESIGN table."""
+    """The registry names, in the order of the registry table above."""
     return list(REGISTRY)
 
 

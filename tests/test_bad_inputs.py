@@ -131,7 +131,7 @@ _OUT_OF_RANGE = {
 
 
 def _rule_with(field: str) -> str:
-    """The first registry name that has ``field`` (the table's order: the DESIGN table)."""
+    """The first registry name that has ``field`` (in the order of the registry table)."""
     found = [n for n in NAMES if field in options(n)]
     assert found, f"OptimizerConfig.{field} is an option of no registry name"
     return found[0]

@@ -113,3 +113,76 @@ def test_readme_tables_give_the_code_defaults():
             cells = rows.get(f.name, [])  # the default, maybe followed by a word on it: `null` (one micro-batch)
             assert any(c == expected or c.startswith(expected + " (") for c in cells), (
                 f"README: {cls.__name__}.{f.name} should read {expected}, has {cells}")
+
+
+# ----- the repo documents itself: docs/architecture.md, and no citation of a file outside the repo ------
+
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
+# Spelled in pieces so that this file does not match its own test.
+_OUTSIDE = ("DESIGN" + ".md", "../" + "shared", "/" + "shared/")
+
+
+def _tracked_text_files() -> list[Path]:
+    import subprocess
+
+    names = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    files = []
+    for name in names.decode().split("\0"):
+        path = ROOT / name
+        if name and path.is_file() and b"\0" not in path.read_bytes()[:8192]:
+            files.append(path)
+    return files
+
+
+def test_no_tracked_file_cites_a_file_outside_the_repo():
+    files = _tracked_text_files()
+    assert ROOT / "README.md" in files and Path(__file__) in files
+    found = [f"{p.relative_to(ROOT)}:{i}: {line.strip()}"
+             for p in files
+             for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1)
+             if any(s in line for s in _OUTSIDE)]
+    assert not found, "cites a file outside the repo (document it in docs/architecture.md):\n" + "\n".join(found)
+
+
+def test_architecture_paths_exist():
+    """Every ``lightning_optim/...`` path and every backticked ``*.py`` file name on the page exists."""
+    text = ARCHITECTURE.read_text()
+    paths = set(re.findall(r"lightning_optim/[\w/.]*\w/?", text))
+    assert "lightning_optim/backends/reference.py" in paths and len(paths) > 20
+    missing = [p for p in sorted(paths) if not (ROOT / p).exists()]
+    package_files = {p.name for p in (ROOT / "lightning_optim").rglob("*.py")}
+    names = set(re.findall(r"`(\w+\.py)`", text))
+    assert "coupled_adam.py" in names
+    missing += [n for n in sorted(names) if n not in package_files]
+    assert not missing, f"docs/architecture.md names what does not exist: {missing}"
+
+
+def test_architecture_dotted_names_exist():
+    """``lightning_optim.x.y`` is a module or package of the repo, or ``lightning_optim.<public name>``."""
+    import lightning_optim
+
+    text = ARCHITECTURE.read_text()
+    dotted = set(re.findall(r"\blightning_optim(?:\.\w+)+", text))
+    assert {"lightning_optim.train", "lightning_optim.dashboard", "lightning_optim.MomentMonitor"} <= dotted
+    missing = []
+    for name in sorted(dotted):
+        parts = name.split(".")
+        base = ROOT.joinpath(*parts)
+        if base.with_suffix(".py").is_file() or (base / "__init__.py").is_file():
+            continue
+        if len(parts) == 2 and parts[1] in lightning_optim.__all__:
+            continue
+        missing.append(name)
+    assert not missing, f"docs/architecture.md names modules or public names that do not exist: {missing}"
+
+
+def test_architecture_lists_the_registry_and_the_hydra_groups():
+    from lightning_optim.registry import optimizers
+
+    text = ARCHITECTURE.read_text()
+    listed = re.search(r"in the order of the registry table: (.+?)\.\n", text, re.S).group(1)
+    assert re.findall(r"`(\w+)`", listed) == optimizers()
+    groups = re.search(r"the Hydra config groups \((.+?)\)", text, re.S).group(1)
+    conf = ROOT / "lightning_optim" / "conf"
+    on_disk = sorted(p.name for p in conf.iterdir() if p.is_dir() and p.name != "__pycache__")
+    assert sorted(re.findall(r"`(\w+)`", groups)) == on_disk
