@@ -87,7 +87,8 @@ class AccumulationSchedule:
             items = {0: schedule}
         if not items:
             raise invalid(OWNER, "schedule", schedule, "must not be empty")
-        parsed = {}
+        parsed: dict[int, int] = {}
+        last, last_key = -1, None  # keys are >= 0, so the first one always passes the order check
         for key, value in items.items():
             try:
                 k = _int(key, "schedule")
@@ -98,7 +99,7 @@ class AccumulationSchedule:
             v = _int(value, f"schedule[{key!r}]")
             if v < 1:
                 raise invalid(OWNER, f"schedule[{key!r}]", value, "must be an int >= 1 (micro-batches per step)")
-            if parsed and k <= last:  # {0: 1, 1000: 8, 200: 4}: most likely a typo
+            if k <= last:  # {0: 1, 1000: 8, 200: 4}: most likely a typo
                 raise invalid(OWNER, "schedule", schedule,
                               f"keys must increase, but {key!r} comes after {last_key!r}")
             parsed[k] = v

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 

@@ -147,7 +147,6 @@ import importlib.util
 import os
 
 import torch
-from torch import Tensor
 
 __all__ = ["available", "why_unavailable", "interpreter_enabled", "run", "bytes_per_param"]
 
