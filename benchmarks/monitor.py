@@ -4,7 +4,7 @@ do not log never read a device value back to the host.
 A benchmark, not a test: it prints markdown tables and exits 0; nothing here asserts speed.
 
 The model
-    The main job's :class:`lightning_optim.models.TinyGPT`: token embedding ``wte``
+    The main job's :class:`lightning_optim.app.models.TinyGPT`: token embedding ``wte``
     (``--vocab`` x ``--width``) tied to the output head, learned positions ``wpe``,
     ``--layers`` pre-LN blocks, a final LayerNorm. ``--vocab 4096 --seq 128 --batch 32`` is
     the main job's default shape; the smaller defaults keep the run near two minutes.
@@ -24,7 +24,7 @@ What one step is
     ``opt.step()``; then ``MomentMonitor.on_train_batch_end`` (on a logging step
     ``MomentStats.after_step()``, the clipped fractions, ``embedding_stats`` of the tensors
     the monitor picks, with isotropy on the expensive cadence, and
-    :func:`lightning_optim.loggers.to_floats`, the host read-back a logger does). The gates
+    :func:`lightning_optim.integration.loggers.to_floats`, the host read-back a logger does). The gates
     (``step % every_n_steps``) and the embedding lookup are the monitor's own code; the
     logger itself is left out (writing a CSV row is the logger's cost, not the monitor's),
     as are the W&B histograms and ``OptimizerCallback``'s per-step ``log_dict``, which all
@@ -110,10 +110,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from common import cpu_name, pick_device, sync
-from lightning_optim.callback import MomentMonitor
+from lightning_optim.integration.callback import MomentMonitor
 from lightning_optim.clipping import GradientClipper
-from lightning_optim.loggers import to_floats
-from lightning_optim.models import TinyGPT
+from lightning_optim.integration.loggers import to_floats
+from lightning_optim.app.models import TinyGPT
 from lightning_optim.registry import create_optimizer
 from lightning_optim.stats import STATS, MomentStats
 
@@ -131,7 +131,7 @@ TARGETS = {"every 50": 0.02, "every step": 0.15}
 # ----- the model ---------------------------------------------------------------------------------
 
 
-# The main job's model (lightning_optim.models.TinyGPT): the step the targets are about.
+# The main job's model (lightning_optim.app.models.TinyGPT): the step the targets are about.
 
 
 # ----- counting host reads ----------------------------------------------------------------------

@@ -5,7 +5,7 @@ per 1000 optimizer steps after the warm-up, 0 otherwise (and 2 when the device a
 not there).
 
 What runs
-    A :class:`lightning_optim.models.TinyGPT` (tied embedding, ``--vocab`` x ``--width``,
+    A :class:`lightning_optim.app.models.TinyGPT` (tied embedding, ``--vocab`` x ``--width``,
     ``--layers`` blocks) trained by a Lightning ``Trainer`` for ``--steps`` optimizer steps
     on a fixed pool of random token windows (``--pool`` batches, cycled epoch after epoch),
     with everything that keeps per-step state switched on: ``OptimizerCallback``
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace, device: torch.device) -> list[Sample]:
     from torch.utils.data import DataLoader, TensorDataset
 
     import lightning_optim as lo
-    from lightning_optim.models import TinyGPT
+    from lightning_optim.app.models import TinyGPT
 
     class Task(pl.LightningModule):
         def __init__(self) -> None:

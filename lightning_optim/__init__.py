@@ -5,10 +5,9 @@ modules. The data flow, partition -> optimizer -> statistics -> loggers, is desc
 docs/architecture.md.
 """
 
-from .checkpoint import (
-    CheckpointError, ResumableDataLoader, ResumableSampler, convert_checkpoint, convert_optimizer_state,
-    verify_checkpoint,
-)
+from .checkpoint import CheckpointError, verify_checkpoint
+from .convert import convert_checkpoint, convert_optimizer_state
+from .data import ResumableDataLoader, ResumableSampler
 from .optim import SGD, Adagrad, Adam, AdamW, CoupledAdam, Lion, NAdam, RAdam, RMSprop, Yogi
 from .partition import param_groups, summarize
 from .registry import create_optimizer, optimizers
@@ -17,7 +16,7 @@ from .validation import LightningOptimWarning
 __version__ = "0.1.0"
 
 # The Lightning side loads on first use, so the optimizers stay plain PyTorch.
-_LAZY = {"OptimizerCallback": "callback", "MomentMonitor": "callback"}
+_LAZY = {"OptimizerCallback": "integration.callback", "MomentMonitor": "integration.callback"}
 
 
 def __getattr__(name: str):

@@ -13,7 +13,7 @@ Defaults have one home each, and a name means the same thing on every path: an o
 name's defaults are its class's, with the registry's preset (:func:`registry.options`); a
 schedule name's are :func:`lightning_optim.schedules.defaults`; a clipping name's are
 :data:`CLIPPING_PRESETS`; every other field's is the dataclass field's. The YAML files in
-``lightning_optim/conf/`` list the same values (``tests/test_hydra.py`` compares them, and
+``conf/`` list the same values (``tests/test_hydra.py`` compares them, and
 the README tables, to these).
 
 Errors name the config node the bad value was written in, whichever layer finds it: a bad

@@ -33,7 +33,7 @@ from torch import nn
 
 import lightning_optim as lo
 from lightning_optim import config as C
-from lightning_optim.callback import MomentMonitor, OptimizerCallback
+from lightning_optim.integration.callback import MomentMonitor, OptimizerCallback
 from lightning_optim.registry import create_optimizer, options
 from lightning_optim.validation import ConfigurationError
 from lightning_helpers import BareLM, data, flat_params, trainer
@@ -489,7 +489,7 @@ def _compose(*overrides: str):
     (["accumulation.schedule=[[0,1],[50,4],[20,8]]"], r"keys must increase, but 20 comes after 50"),
 ], ids=["momentum-on-adam", "clipping-mode-typo", "nesterov-without-momentum", "accumulation-out-of-order"])
 def test_hydra_overrides_fail_when_the_callback_is_built(overrides, match):
-    from lightning_optim.train import build_callback
+    from lightning_optim.app.train import build_callback
 
     with pytest.raises(ConfigurationError, match=match):
         build_callback(_compose(*overrides))

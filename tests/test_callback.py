@@ -14,7 +14,7 @@ from torch import nn
 
 import lightning_optim as lo
 from lightning_optim.accumulation import AccumulationSchedule
-from lightning_optim.callback import OptimizerCallback
+from lightning_optim.integration.callback import OptimizerCallback
 from lightning_helpers import BareLM, TiedLM, data, flat_params, trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")

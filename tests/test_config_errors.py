@@ -121,7 +121,7 @@ COMPOSE_ERRORS = [
 @pytest.mark.parametrize("overrides, message", COMPOSE_ERRORS, ids=[o for o, _ in COMPOSE_ERRORS])
 def test_compose_errors_become_one_line_naming_the_key(overrides, message):
     if message is None:
-        from lightning_optim.train import build_callback
+        from lightning_optim.app.train import build_callback
         from lightning_optim.validation import ConfigurationError
 
         with pytest.raises(ConfigurationError, match=r"^accumulation: schedule=\{0: 1, 'x': 2\} is invalid: "
@@ -149,7 +149,7 @@ def test_compose_errors_become_one_line_naming_the_key(overrides, message):
 ])
 def test_yaml_forms_build_the_schedule(overrides, points):
     from lightning_optim.accumulation import AccumulationSchedule
-    from lightning_optim.train import build_callback
+    from lightning_optim.app.train import build_callback
 
     cfg = compose(*overrides.split())
     schedule = build_callback(cfg).accumulation_config.build()
@@ -162,7 +162,7 @@ def test_yaml_forms_build_the_schedule(overrides, points):
                                      "{0: 1, '200': 4, 1000: 8}"])  # a quoted key is read as an int
 def test_an_option_file_of_ones_own_takes_either_form(written, tmp_path):
     conf = option_file(tmp_path, "warmup", written)
-    from lightning_optim.train import build_callback
+    from lightning_optim.app.train import build_callback
 
     cfg = compose(f"hydra.searchpath=[file://{conf}]", "accumulation=warmup")
     acc = build_callback(cfg).accumulator  # not None: the schedule changes

@@ -1,4 +1,4 @@
-"""The dashboard (lightning_optim.dashboard) and the W&B record-log reader (lightning_optim.wandb_history)."""
+"""The dashboard (lightning_optim.dashboard) and the W&B record-log reader (lightning_optim.dashboard.wandb_history)."""
 
 from __future__ import annotations
 
@@ -22,9 +22,10 @@ import pytest
 pytest.importorskip("matplotlib")
 from PIL import Image  # noqa: E402  (matplotlib depends on pillow)
 
-from lightning_optim import dashboard, wandb_history  # noqa: E402
+from lightning_optim.dashboard import report as dashboard  # noqa: E402
+from lightning_optim.dashboard import wandb_history  # noqa: E402
 from lightning_optim.dashboard import load_run, render  # noqa: E402
-from lightning_optim.wandb_history import BLOCK_SIZE, iter_records, read_history  # noqa: E402
+from lightning_optim.dashboard.wandb_history import BLOCK_SIZE, iter_records, read_history  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_URI = re.compile(r"data:image/png;base64,([A-Za-z0-9+/=]+)")

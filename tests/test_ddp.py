@@ -143,9 +143,9 @@ def test_only_rank_zero_logs_and_each_step_once(runs):
     rank1 = out / "logs_rank1"
     assert not rank1.exists() or not any(rank1.rglob("*")), sorted(rank1.rglob("*"))
     rows = _rows(out / "logs_rank0")
-    # The callback logs through lightning_optim.loggers at Lightning's step (0-based), once per optimizer step.
+    # The callback logs through lightning_optim.integration.loggers at Lightning's step (0-based), once per optimizer step.
     assert sorted(_per_step(rows, "optim/grad_norm_total")) == list(range(10))
-    # The monitor logs optimizer steps EVERY, 2*EVERY, ... through lightning_optim.loggers, at
+    # The monitor logs optimizer steps EVERY, 2*EVERY, ... through lightning_optim.integration.loggers, at
     # Lightning's step for the batch that ran each (k - 1), as the callback's keys.
     monitored = _per_step(rows, "optim/param_norm/embed.weight")
     assert sorted(monitored) == list(range(s.EVERY - 1, 10, s.EVERY))

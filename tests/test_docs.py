@@ -183,6 +183,6 @@ def test_architecture_lists_the_registry_and_the_hydra_groups():
     listed = re.search(r"in the order of the registry table: (.+?)\.\n", text, re.S).group(1)
     assert re.findall(r"`(\w+)`", listed) == optimizers()
     groups = re.search(r"the Hydra config groups \((.+?)\)", text, re.S).group(1)
-    conf = ROOT / "lightning_optim" / "conf"
+    conf = ROOT / "conf"
     on_disk = sorted(p.name for p in conf.iterdir() if p.is_dir() and p.name != "__pycache__")
     assert sorted(re.findall(r"`(\w+)`", groups)) == on_disk

@@ -19,7 +19,7 @@ import lightning_optim as lo
 from lightning_optim.registry import create_optimizer, options
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "lightning_optim" / "conf"
+CONF = ROOT / "conf"
 APP = Path(__file__).parent / "hydra_app" / "app.py"
 QUIET = ["hydra/job_logging=none", "hydra/hydra_logging=none"]
 # The main job shrunk to seconds: a small stdlib corpus (in the test's own cache) and model.
@@ -99,7 +99,7 @@ def small_cache(tmp_path_factory):
 def test_check_names_the_node_of_the_bad_value(overrides, message, small_cache, tmp_path, monkeypatch):
     """``train.check`` (what the entry point runs before Hydra makes the run directory) on the
     composed config: the message, exactly, and nothing written."""
-    from lightning_optim.train import check
+    from lightning_optim.app.train import check
     from lightning_optim.validation import ConfigurationError
 
     monkeypatch.chdir(tmp_path)
@@ -111,7 +111,7 @@ def test_check_names_the_node_of_the_bad_value(overrides, message, small_cache, 
 
 
 def test_check_passes_a_good_config_and_writes_nothing(small_cache, tmp_path, monkeypatch):
-    from lightning_optim.train import check
+    from lightning_optim.app.train import check
 
     monkeypatch.chdir(tmp_path)
     check(compose(*SMALL_JOB, f"data.cache_dir={small_cache}", "scheduler=warmup_cosine", "scheduler.warmup_steps=10",
@@ -262,7 +262,7 @@ def test_every_group_option_agrees_with_the_python_path(group, option):
         if option == DEFAULT_OPTION[group]:  # the group's default option is the dataclass's defaults
             assert getattr(C, f"{group}_config")(node) == getattr(C, f"{group}_config")(None)
     if group == "logger":
-        from lightning_optim.loggers import LOGGERS, build_logger
+        from lightning_optim.integration.loggers import LOGGERS, build_logger
 
         assert node["name"] == option and option in LOGGERS
         build_logger(node, "unused")  # builds; writes nothing until it logs
@@ -282,7 +282,7 @@ GROUP_OPTIONS = [(group, p.stem) for group in ("optimizer", "scheduler", "clippi
 
 @pytest.mark.parametrize("group, option", GROUP_OPTIONS)
 def test_every_group_option_composes_and_builds(group, option):
-    from lightning_optim.train import build_callback
+    from lightning_optim.app.train import build_callback
 
     cfg = compose(f"{group}={option}")
     callback = build_callback(cfg)
@@ -290,7 +290,7 @@ def test_every_group_option_composes_and_builds(group, option):
 
 
 def test_overrides_reach_the_callback():
-    from lightning_optim.train import build_callback
+    from lightning_optim.app.train import build_callback
 
     cfg = compose("optimizer=nesterov", "optimizer.lr=0.05", "scheduler=step", "scheduler.gamma=0.25",
                   "clipping=value", "clipping.max_value=0.5", "accumulation.schedule=[[0,1],[50,4]]",

@@ -223,7 +223,7 @@ def test_a_resumed_wandb_run_keeps_its_id_and_one_history(env, tmp_path):
     """logger=wandb (offline): the resumed run writes a new offline-run directory under the same
     run id, and the two read back (as the dashboard reads them) as one history, each step once.
     The second run is longer than the first, so it says that it is no twin of an uninterrupted run."""
-    from lightning_optim.wandb_history import read_history, run_files
+    from lightning_optim.dashboard.wandb_history import read_history, run_files
 
     run_dir = tmp_path / "run"
     base = [o for o in TINY if not o.startswith("+logger.")] + ["logger=wandb"]
@@ -258,7 +258,7 @@ def test_unknown_keys_and_bad_values_are_refused_by_check(override, message, env
     """What the entry point runs before Hydra writes anything (exit 2 with this message)."""
     from hydra import compose, initialize_config_module
 
-    from lightning_optim.train import check
+    from lightning_optim.app.train import check
     from lightning_optim.validation import ConfigurationError
 
     monkeypatch.chdir(tmp_path)

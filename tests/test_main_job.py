@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import lightning_optim as lo
-from lightning_optim.corpus import TokenWindows, load_corpus, split_files, stdlib_files, zipf_exponent
-from lightning_optim.models import TinyGPT
+from lightning_optim.app.corpus import TokenWindows, load_corpus, split_files, stdlib_files, zipf_exponent
+from lightning_optim.app.models import TinyGPT
 
 SMALL_BYTES = 250_000
 SMALL_VOCAB = 512
@@ -163,7 +163,7 @@ def test_the_progress_bar_of_a_max_steps_run(corpus, tmp_path):
     from hydra import compose, initialize_config_module
     from lightning.pytorch.callbacks import TQDMProgressBar
 
-    from lightning_optim.train import prepare
+    from lightning_optim.app.train import prepare
 
     with initialize_config_module(version_base=None, config_module="lightning_optim.conf"):
         cfg = compose("config", overrides=[*SMALL_JOB, f"data.cache_dir={corpus.path.parent}", "trainer.max_steps=3",

@@ -15,14 +15,14 @@ import torch
 import yaml
 from lightning.pytorch.loggers import CSVLogger
 
-from lightning_optim.callback import MomentMonitor, OptimizerCallback
+from lightning_optim.integration.callback import MomentMonitor, OptimizerCallback
 from lightning_optim.config import MonitorConfig, monitor_config
 from lightning_optim.stats import STATS
 from lightning_helpers import BareLM, TiedLM, data, trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 ROOT = Path(__file__).resolve().parents[1]
-MONITOR_NODES = sorted((ROOT / "lightning_optim" / "conf" / "monitor").glob("*.yaml"))
+MONITOR_NODES = sorted((ROOT / "conf" / "monitor").glob("*.yaml"))
 
 
 def csv_rows(path):
@@ -201,7 +201,7 @@ def test_bad_monitor_options(kwargs, match):
 def test_wandb_offline_run_has_per_layer_keys(tmp_path, monkeypatch):
     from lightning.pytorch.loggers import WandbLogger
 
-    from lightning_optim.wandb_history import read_history
+    from lightning_optim.dashboard.wandb_history import read_history
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -344,7 +344,7 @@ def test_every_monitor_yaml_node_is_keyword_arguments_of_the_constructor(path):
 
 @pytest.mark.parametrize("path", MONITOR_NODES, ids=[p.stem for p in MONITOR_NODES])
 def test_the_hydra_node_builds_the_monitor(path):
-    """``MomentMonitor(**cfg.monitor)`` on the composed node, as ``lightning_optim.train`` builds
+    """``MomentMonitor(**cfg.monitor)`` on the composed node, as ``lightning_optim.app.train`` builds
     it, gives what the same keys as a plain dict give, and that is what the chosen file says
     over the defaults (the main config shadows no choice: ``monitor=every_step`` logs every
     step); ``monitor=off`` gives a disabled one."""

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_optim.models import TinyGPT
+from lightning_optim.app.models import TinyGPT
 from lightning_optim.partition import find_unembedding, param_groups, summarize
 from lightning_optim.validation import LightningOptimWarning
 

@@ -26,7 +26,8 @@ from torch import nn
 import lightning_optim as lo
 from lightning_optim import OptimizerCallback
 from lightning_optim.accumulation import AccumulationSchedule, Accumulator
-from lightning_optim.checkpoint import CheckpointError, convert_checkpoint, convert_optimizer_state, verify_checkpoint
+from lightning_optim.checkpoint import CheckpointError, verify_checkpoint
+from lightning_optim.convert import convert_checkpoint, convert_optimizer_state
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 import resume_worker as W  # noqa: E402

@@ -1,7 +1,7 @@
 """The optimizer zoo: every registry optimizer on the tiny GPT and on a small convex problem.
 
-(a) The main job's tiny GPT (:class:`lightning_optim.models.TinyGPT`, tied embeddings) on the
-    stdlib corpus (:func:`lightning_optim.corpus.load_corpus`, the main job's cached tokens),
+(a) The main job's tiny GPT (:class:`lightning_optim.app.models.TinyGPT`, tied embeddings) on the
+    stdlib corpus (:func:`lightning_optim.app.corpus.load_corpus`, the main job's cached tokens),
     a short budget, same seed, same batches and same initial weights for every optimizer,
     trained in a plain PyTorch loop (no Lightning, so ms/step is the optimizer plus the
     model). ``lightning_optim.create_optimizer(name, model)`` splits the parameters by
@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 import lightning_optim as lo
-from lightning_optim.corpus import load_corpus
-from lightning_optim.models import TinyGPT
+from lightning_optim.app.corpus import load_corpus
+from lightning_optim.app.models import TinyGPT
 
 HERE = Path(__file__).resolve().parent
 

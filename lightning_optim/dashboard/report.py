@@ -22,7 +22,7 @@ Inputs, found under ``RUN_DIR`` (which may also be the metrics file itself):
 * otherwise a W&B run (``wandb/offline-run-*/run-*.wandb``, offline or online, the latest
   taken, together with the earlier run files of the same run id that a resumed run leaves,
   read oldest first so a step logged again takes the later value), read without a server by
-  :mod:`lightning_optim.wandb_history`. The step is
+  :mod:`lightning_optim.dashboard.wandb_history`. The step is
   Lightning's ``trainer/global_step`` when logged, else W&B's ``_step``; histograms are left
   out of the numeric series.
 
@@ -965,6 +965,3 @@ def main(argv: list[str] | None = None) -> int:
     print(out)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .validation import ConfigurationError, invalid
+from ..validation import ConfigurationError, invalid
 
 __all__ = ["Corpus", "TokenWindows", "load_corpus", "stdlib_files", "split_files", "zipf_exponent", "cache_root"]
 

@@ -22,7 +22,7 @@ from typing import Any
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from .validation import choice, invalid
+from ..validation import choice, invalid
 
 LOGGERS = ("csv", "tensorboard", "wandb")
 
@@ -41,7 +41,7 @@ class ContinuingExperimentWriter(ExperimentWriter):
             self.metrics_keys = list(header)
 
     def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
-        from .checkpoint import atomic_write
+        from ..checkpoint import atomic_write
 
         with self._fs.open(self.metrics_file_path, "r", newline="") as file:
             metrics = list(csv.DictReader(file))
@@ -74,7 +74,7 @@ def cut_metrics(path: str | os.PathLike, before_step: int) -> tuple[int, int]:
     too. The file is replaced atomically, header unchanged. Returns (kept, dropped); a file
     that does not exist gives (0, 0).
     """
-    from .checkpoint import atomic_write
+    from ..checkpoint import atomic_write
 
     path = Path(path)
     if not path.is_file():

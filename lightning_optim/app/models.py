@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .validation import invalid
+from ..validation import invalid
 
 __all__ = ["TinyGPT"]
 

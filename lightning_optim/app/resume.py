@@ -18,7 +18,7 @@ checkpoint at that moment (its content is Lightning's, unchanged) but writes it 
 iteration is over: at the next batch's start or at the end of training, after the loggers
 have saved what they hold. Whatever checkpoint is on disk, the metrics of every step before
 it are on disk too; rows of later steps are cut by the resumed run
-(:func:`lightning_optim.loggers.cut_metrics`).
+(:func:`lightning_optim.integration.loggers.cut_metrics`).
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from omegaconf import DictConfig, OmegaConf
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from .checkpoint import CheckpointError, atomic_write, checkpoint_step, newest_intact_checkpoint, verify_checkpoint
-from .validation import ConfigurationError
+from ..checkpoint import CheckpointError, atomic_write, checkpoint_step, newest_intact_checkpoint, verify_checkpoint
+from ..validation import ConfigurationError
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -40,14 +40,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
-from .accumulation import Accumulator
-from .checkpoint import guard_checkpoint_loading
-from .config import accumulation_config, clipping_config, optimizer_config, partition_config, scheduler_config
+from ..accumulation import Accumulator
+from .checkpoint_guard import guard_checkpoint_loading
+from ..config import accumulation_config, clipping_config, optimizer_config, partition_config, scheduler_config
 from .loggers import log_histograms, log_metrics
-from .partition import param_groups, summarize
-from .registry import REGISTRY, create_optimizer
-from .schedules import build_scheduler, describe
-from .validation import ConfigurationError, LightningOptimWarning
+from ..partition import param_groups, summarize
+from ..registry import REGISTRY, create_optimizer
+from ..schedules import build_scheduler, describe
+from ..validation import ConfigurationError, LightningOptimWarning
 
 log = logging.getLogger("lightning_optim")
 
@@ -438,7 +438,7 @@ class OptimizerCallback(Callback):
         # without total_steps reads trainer.estimated_stepping_batches in configure_optimizers,
         # which sets the train loader up (and starts its iterator) before the loops are restored;
         # Lightning then keeps that loader and never loads the checkpoint's dataloader state into
-        # it, so a stateful loader (checkpoint.ResumableDataLoader) would start the interrupted
+        # it, so a stateful loader (data.ResumableDataLoader) would start the interrupted
         # epoch over. Dropping it, as Lightning's own tuner does, makes the fit loop build it
         # again after the restore, with the saved state.
         fit_loop = getattr(getattr(self, "_trainer", None), "fit_loop", None)
@@ -504,7 +504,7 @@ class MomentMonitor(Callback):
     W&B histograms ``optim/log10_sqrt_v/<name>``.
 
     The statistics are device tensors (:mod:`lightning_optim.stats`); they reach the host
-    once per log, in :func:`lightning_optim.loggers.log_metrics`, on rank zero. Steps that
+    once per log, in :func:`lightning_optim.integration.loggers.log_metrics`, on rank zero. Steps that
     do not log cost nothing. Under DDP the gradients and parameters are identical on every
     rank after the all-reduce, so the statistics are too.
 
@@ -545,7 +545,7 @@ class MomentMonitor(Callback):
         enabled: bool = True,
     ) -> None:
         super().__init__()
-        from .config import MonitorConfig
+        from ..config import MonitorConfig
 
         self.config = MonitorConfig(
             every_n_steps=every_n_steps, expensive_every_n_steps=expensive_every_n_steps,
@@ -589,7 +589,7 @@ class MomentMonitor(Callback):
     def from_config(cls, node: Any) -> MomentMonitor | None:
         """The older spelling of ``MomentMonitor(**node)``, kept for code that uses it: the
         same monitor, except that a node with ``enabled: false`` gives None."""
-        from .config import monitor_config
+        from ..config import monitor_config
 
         cfg = monitor_config(node)
         return cls(**vars(cfg)) if cfg.enabled else None
@@ -609,7 +609,7 @@ class MomentMonitor(Callback):
 
     def _ensure_stats(self, optimizer: torch.optim.Optimizer) -> None:
         if self.stats is None or self._optimizer is not optimizer:
-            from .stats import MomentStats
+            from ..stats import MomentStats
 
             c = self.config
             self.stats = MomentStats(optimizer, stats=c.stats, include=c.include, exclude=c.exclude,
