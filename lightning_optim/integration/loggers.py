@@ -22,6 +22,7 @@ from typing import Any
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from ..extras import require_logger
 from ..validation import choice, invalid
 
 LOGGERS = ("csv", "tensorboard", "wandb")
@@ -116,6 +117,7 @@ def build_logger(node: Mapping[str, Any], save_dir: str, resume: bool = False) -
     the run found there (W&B: its run id, ``resume="allow"``; CSV continues its file anyway)."""
     options = dict(node)
     name = choice("logger", "name", options.pop("name", "csv"), LOGGERS)
+    require_logger(name)  # its extra (wandb, tensorboardX), before anything is built
     if name == "csv":
         return ContinuingCSVLogger(save_dir=save_dir, name="logs", version="", **options)
     if name == "tensorboard":
