@@ -22,7 +22,7 @@ import pytest
 pytest.importorskip("matplotlib")
 from PIL import Image  # noqa: E402  (matplotlib depends on pillow)
 
-from lightning_optim.dashboard import report as dashboard  # noqa: E402
+from lightning_optim.dashboard import figures, metrics, report  # noqa: E402
 from lightning_optim.dashboard import wandb_history  # noqa: E402
 from lightning_optim.dashboard import load_run, render  # noqa: E402
 from lightning_optim.dashboard.wandb_history import BLOCK_SIZE, iter_records, read_history  # noqa: E402
@@ -181,11 +181,11 @@ def test_layer_order_is_model_like(full_run):
 
 def test_layer_order_natural_sort_across_ten():
     table = {f"optim/v_drift/blocks.{i}.w": ([1], [1.0]) for i in sorted(range(12), key=str)}
-    fam = dashboard._classify(table, keep_order=True)
+    fam = metrics._classify(table, keep_order=True)
     assert fam.layers == [f"blocks.{i}.w" for i in range(12)]
     unsorted = {f"optim/v_drift/{n}": ([1], [1.0]) for n in ("z.w", "a.w", "m.w")}  # model order kept
-    assert dashboard._classify(unsorted, keep_order=True).layers == ["z.w", "a.w", "m.w"]
-    assert dashboard._classify(unsorted, keep_order=False).layers == ["a.w", "m.w", "z.w"]
+    assert metrics._classify(unsorted, keep_order=True).layers == ["z.w", "a.w", "m.w"]
+    assert metrics._classify(unsorted, keep_order=False).layers == ["a.w", "m.w", "z.w"]
 
 
 @pytest.mark.parametrize("names, labels", [
@@ -199,13 +199,13 @@ def test_layer_order_natural_sort_across_ten():
      ["enc.layers.0.linear1.bias", "dec.layers.0.linear1.bias", "layers.1.linear1.bias"]),
 ])
 def test_short_labels_table(names, labels):
-    assert dashboard._short_labels(names) == labels
+    assert figures._short_labels(names) == labels
 
 
 def test_short_labels_of_lightning_demo_transformer():
     demos = pytest.importorskip("lightning.pytorch.demos")
     names = [n for n, _ in demos.Transformer(vocab_size=33).named_parameters()]
-    labels = dashboard._short_labels(names)
+    labels = figures._short_labels(names)
     assert len(set(labels)) == len(names) == 67
     for name, label in zip(names, labels):
         parts, short = name.split("."), label.split(".")
@@ -223,13 +223,13 @@ def test_short_labels_of_lightning_demo_transformer():
     assert got["embedding.weight"] == "embedding.weight" and got["decoder.weight"] == "decoder.weight"
     # the heatmap of a run of this model shows exactly these labels, each once
     table = {f"optim/v_drift/{n}": ([10, 20], [1e-3, 2e-3]) for n in names}
-    _, layout, sections = dashboard._page("csv", table)
+    _, layout, sections = report._page("csv", table)
     fig = sections[0].draw()
     shown = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert sorted(shown) == sorted(labels)
     # the left margin widens to the longest label, the same for every figure of the page
     longest = max(map(len, labels))
-    assert layout.left == pytest.approx((0.25 + 0.067 * longest) / dashboard._WIDTH)
+    assert layout.left == pytest.approx((0.25 + 0.067 * longest) / figures._WIDTH)
     assert fig.axes[0].get_position().x0 == pytest.approx(layout.left)
 
 
@@ -244,7 +244,7 @@ def monitor_table(monitor_steps, loss_steps, *, names=("blocks.0.w", "blocks.1.w
 
 
 def heatmap(table, stat):
-    _, layout, sections = dashboard._page("csv", table)
+    _, layout, sections = report._page("csv", table)
     fig = next(s for s in sections if s.name == stat).draw()
     return fig, fig.axes[0], fig.axes[0].collections[0], layout
 
@@ -269,7 +269,7 @@ def test_heatmap_cells_span_the_interval_they_measure(monitor, loss):
     assert list(mesh.get_coordinates()[0, :, 0]) == [monitor[0] - gap, *monitor]
     assert ax.get_xlim() == layout.xlim
     # every figure of the page shares the axis
-    _, layout, sections = dashboard._page("csv", table)
+    _, layout, sections = report._page("csv", table)
     for sec in sections:
         if sec.draw is not None:
             assert sec.draw().axes[0].get_xlim() == layout.xlim, sec.name
@@ -282,8 +282,8 @@ def test_heatmap_not_logged_color_and_colorbar_label():
     _, values = table["optim/v_drift/blocks.1.w"]
     table["optim/v_drift/blocks.1.w"] = ([20], [values[0]])  # not logged at 30
     fig, ax, mesh, _ = heatmap(table, "v_drift")
-    dashboard._png(fig)  # draws, which maps the values to colors
-    name, hexa = dashboard._NOT_LOGGED
+    figures._png(fig)  # draws, which maps the values to colors
+    name, hexa = figures._NOT_LOGGED
     gray = to_rgba(name)
     assert gray == to_rgba(hexa) == to_rgba("#808080")
     assert tuple(mesh.cmap.get_bad()) == gray and ax.get_facecolor() == gray
@@ -291,13 +291,13 @@ def test_heatmap_not_logged_color_and_colorbar_label():
     assert tuple(colors[1, 1]) == gray
     assert all(tuple(c) != gray for c in (colors[0, 0], colors[0, 1], colors[1, 0]))
     # the caption names that color
-    caption = next(s for s in dashboard._page("csv", table)[2] if s.name == "v_drift").how_to_read
+    caption = next(s for s in report._page("csv", table)[2] if s.name == "v_drift").how_to_read
     assert f"{name.capitalize()} ({hexa}): not logged at that step." in caption
     # the color bar gives the definition of lightning_optim.stats: ||v_s - v_s'|| / ||v_s'||
     label = fig.axes[1].get_ylabel()
     assert label == r"v_drift $= \Vert\hat{v}_s - \hat{v}_{s'}\Vert\ /\ \Vert\hat{v}_{s'}\Vert$"
     for stat in HEATMAP_STATS:  # every color bar carries its statistic's name and a formula
-        assert dashboard._COLORBAR[stat].startswith(stat) and "$" in dashboard._COLORBAR[stat]
+        assert figures._COLORBAR[stat].startswith(stat) and "$" in figures._COLORBAR[stat]
 
 
 def test_one_color_per_tensor_across_figures():
@@ -313,7 +313,7 @@ def test_one_color_per_tensor_across_figures():
         table[f"optim/lr/{g}"] = ([10, 20], [1e-3, 1e-3])
         table[f"optim/grad_norm/{g}"] = ([10, 20], [1.0, 2.0])
     table["optim/grad_norm_total"] = ([10, 20], [1.0, 2.0])
-    fam, layout, sections = dashboard._page("csv", table)
+    fam, layout, sections = report._page("csv", table)
     figs = {s.name: s.draw() for s in sections if s.draw is not None}
 
     def lines(fig):
@@ -351,10 +351,10 @@ def test_one_color_per_tensor_across_figures():
 def test_rows_in_the_order_the_page_states(logged, order, expected):
     table = {f"optim/sqrt_v_mean/{n}": ([10], [1.0]) for n in logged}
     table["embedding/mean_ratio/wte.weight"] = ([10], [0.1])
-    fam, layout, sections = dashboard._page("csv", table)
+    fam, layout, sections = report._page("csv", table)
     assert fam.order == order and fam.layers == expected
     sec = sections[1]
-    assert sec.name == "sqrt_v_mean" and dashboard._ORDER_TEXT[order] in sec.how_to_read
+    assert sec.name == "sqrt_v_mean" and metrics._ORDER_TEXT[order] in sec.how_to_read
     shown = [t.get_text() for t in sec.draw().axes[0].get_yticklabels()]
     assert shown == [layout.labels[n] for n in expected]  # top to bottom
 
@@ -568,7 +568,7 @@ def test_record_spanning_blocks(tmp_path):
     assert rows[1]["big"] == big and rows[1]["train/loss"] == 0.75
     assert rows[2] == {"train/loss": 0.5, "_step": 2, "i": 2**40 + 1, "f": 0.25, "t": "ok", "b": True,
                        "j": [1, 2], "n": None}
-    table = dashboard._wandb_table(rows)
+    table = metrics._wandb_table(rows)
     assert table["train/loss"] == ([0, 1, 2], [1.5, 0.75, 0.5])
     assert "h" not in table and "big" not in table and "t" not in table
 
@@ -692,7 +692,7 @@ def test_cut_at_every_byte_of_the_last_two_lines(tail_csv, tmp_path):
         ends = {start, start + len(lines[-2]), len(tail_csv)}
         complete = cut in ends or tail_csv[cut - 1:cut] == b"\r"  # cut between \r and \n: a whole row
         lineno = tail_csv[:cut].count(b"\n") + 1  # the line the cut falls in
-        messages = [str(w.message) for w in caught if issubclass(w.category, dashboard.MetricsFileWarning)]
+        messages = [str(w.message) for w in caught if issubclass(w.category, metrics.MetricsFileWarning)]
         if complete:
             assert messages == [], cut
         else:
@@ -719,7 +719,7 @@ def test_malformed_line_is_skipped_and_named(tail_csv, tmp_path, damage, why):
     lines[6] = ",".join(damage(bad)) + "\r\n"
     path = tmp_path / "metrics.csv"
     path.write_text("".join(lines), newline="")
-    with pytest.warns(dashboard.MetricsFileWarning, match=re.escape(f"{path}:7: line skipped: ") + why):
+    with pytest.warns(metrics.MetricsFileWarning, match=re.escape(f"{path}:7: line skipped: ") + why):
         table = load_run(path)
     path.write_bytes(tail_csv)
     full = flat(load_run(path))
@@ -735,7 +735,7 @@ def test_many_bad_lines_warn_once_each_then_a_summary(tail_csv, tmp_path):
         warnings.simplefilter("always")
         table = load_run(path)
     messages = [str(w.message) for w in caught]
-    assert len(messages) == dashboard._MAX_LINE_WARNINGS + 1
+    assert len(messages) == metrics._MAX_LINE_WARNINGS + 1
     assert messages[0].startswith(f"{path}:2: line skipped") and messages[19].startswith(f"{path}:21: ")
     assert messages[-1] == f"{path}: 5 more lines skipped (lines 22 to 26): cut or malformed"
     path.write_bytes(tail_csv)
@@ -752,7 +752,7 @@ def test_resumed_run_continues_the_csv_and_later_rows_win(tmp_path):
     new_header = "epoch,optim/v_drift/w.weight,step,train/loss\r\n" + "".join(
         f"0,0.{s},{s},{s}.5\r\n" for s in range(5, 7))
     path.write_text(killed + resumed + new_header, newline="")
-    with pytest.warns(dashboard.MetricsFileWarning,
+    with pytest.warns(metrics.MetricsFileWarning,
                       match=re.escape(f"{path}:6: line skipped: 5 fields where the header has 3")):
         table = load_run(path)
     # step 3: the killed run's row (the resumed one was merged into the cut line); 4 to 6: the resumed run
@@ -766,7 +766,7 @@ def test_resumed_run_continues_the_csv_and_later_rows_win(tmp_path):
 def test_cli_prints_skipped_lines_as_warnings(tail_csv, tmp_path, capsys):
     path = tmp_path / "metrics.csv"
     path.write_bytes(tail_csv[:-30])
-    assert dashboard.main([str(tmp_path), "-o", str(tmp_path / "d.html")]) == 0
+    assert report.main([str(tmp_path), "-o", str(tmp_path / "d.html")]) == 0
     out, err = capsys.readouterr()
     assert out.strip() == str(tmp_path / "d.html")
     lineno = tail_csv.count(b"\n")  # the last line, cut
