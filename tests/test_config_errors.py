@@ -171,6 +171,6 @@ def test_an_option_file_of_ones_own_takes_either_form(written, tmp_path):
 
 
 def test_the_readme_yaml_is_the_form_this_file_tests():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "reference.md").read_text()
     assert "schedule: {0: 1, 200: 4, 1000: 8}   # or [[0, 1], [200, 4], [1000, 8]]" in readme
     assert "accumulation.schedule={0:1,200:4}" in readme

@@ -307,8 +307,8 @@ def constructor_options() -> list[tuple[str, object]]:
 
 
 def readme_options() -> list[tuple[str, object]]:
-    """The rows of README's monitor option table: name and default, the default read as YAML."""
-    text = (ROOT / "README.md").read_text()
+    """The rows of the monitor option table of docs/reference.md: name and default, the default read as YAML."""
+    text = (ROOT / "docs" / "reference.md").read_text()
     section = text.split("### Moment statistics: `MomentMonitor`", 1)[1].split("\n### ", 1)[0]
     table = section.split("| option | default | meaning |\n|---|---|---|\n", 1)[1].split("\n\n", 1)[0]
     lines = table.splitlines()

@@ -1,11 +1,12 @@
-"""Every shell command in the README runs as written, or this file says why it is not run here.
+"""Every shell command in the docs runs as written, or this file says why it is not run here.
 
-The commands are the lines of the README's fenced ``bash`` blocks and its inline code spans that
-start with a program (``python``, ``.venv/bin/python``, ``pip``, ``bash``, ``./setup.sh``).
-:data:`COMMANDS` holds each of them with what this file does about it: run it (and how), or skip
-it (and why, naming where its code is tested instead). A README command missing from the table,
-or an entry the README no longer has, fails :func:`test_every_readme_command_is_in_the_table`,
-so a new command cannot go unchecked.
+The docs are the README and the pages under ``docs/``. Their commands are the lines of fenced
+``bash`` blocks and the inline code spans that start with a program (``python``,
+``.venv/bin/python``, ``pip``, ``bash``, ``./setup.sh``). :data:`COMMANDS` holds each of them
+with what this file does about it: run it (and how), or skip it (and why, naming where its code
+is tested instead). A command on a page missing from the table, or an entry no page has any
+more, fails :func:`test_every_docs_command_is_in_the_table`, so a new command cannot go
+unchecked.
 
 Commands run as written (anything added is said in the table), through ``bash -c``, from a
 temporary directory, with ``python`` the interpreter running the tests (its directory first on
@@ -42,38 +43,50 @@ HYDRA_EXAMPLE = ("python -m lightning_optim.train optimizer=coupled_adam optimiz
 DASHBOARD = "python -m lightning_optim.dashboard RUN_DIR -o dashboard.html"
 DEMO = "python -m lightning_optim.demo"
 
+PIP_SKIP = ("installs packages from an index; tests/test_extras.py checks what each extra makes work and the "
+            "error naming the pip install when it is missing")
+
 COMMANDS: dict[str, Run | Skip] = {
+    # README.md
     "./setup.sh && .venv/bin/python -m lightning_optim.train": Skip(
         "makes .venv and installs packages, then the main job's full default run (300 steps, minutes); "
         "tests/test_main_job.py runs the main job shortened (the README gives no shorter form of this one)"),
     "./setup.sh && .venv/bin/python -m pytest": Skip(
         "the test suite itself; tests/test_docs.py checks that CI (.ci/run) runs this very line"),
     HYDRA_EXAMPLE: Run("as written plus hydra.run.dir=<tmp>/run: exit 0, a checkpoint, a W&B offline run"),
-    'pip install ".[triton]"': Skip(
-        "installs packages; the dev extra this suite runs under includes triton (tests/test_triton.py)"),
     DEMO: Run("with --steps 10 appended (200 by default, 90 s of CPU): the README claims only that it runs every "
               "optimizer and prints a table, which 10 steps check as well; exit 0, one row per registry name, finite"),
-    "python -m lightning_optim.train": Skip("the main job's full default run, as in the first command"),
     DASHBOARD: Run("RUN_DIR is the README's placeholder: the Hydra example's run directory; dashboard.html written"),
-    "python recipes/adaptive_generalization/run.py": Skip(
-        "about 100 s of CPU as written; tests/test_recipe_adaptive_generalization.py runs its main() shortened "
-        "and checks the paper's claim with its run()"),
+    "pip install .": Skip(PIP_SKIP),
+    'pip install ".[wandb]"': Skip(PIP_SKIP),
+    'pip install "lightning_optim[wandb]"': Skip(PIP_SKIP),
+    # docs/reference.md
+    "python -m lightning_optim.train": Skip("the main job's full default run, as in the README's first command"),
+    # docs/checkpoints.md
     "python -m lightning_optim.train hydra.run.dir=runs/gpt checkpoint.every_n_steps=25": Skip(
         "the main job's full default run (300 steps, minutes), checkpointing; tests/test_kill_resume.py runs the "
         "same command on a tiny main job and SIGKILLs it"),
     "python -m lightning_optim.train hydra.run.dir=runs/gpt checkpoint.every_n_steps=25 resume=auto": Skip(
         "continues the run above; tests/test_kill_resume.py resumes its killed tiny run with resume=auto"),
+    # docs/speed.md
     "python benchmarks/step.py": Skip("a timing benchmark (minutes); its figures and command are in benchmarks/RESULTS.md"),
     "python benchmarks/monitor.py": Skip("a timing benchmark; its figures and command are in benchmarks/RESULTS.md"),
     "python benchmarks/step.py --device cuda": Skip("needs a CUDA GPU (benchmarks/gpu_session.sh runs it on one)"),
     "bash benchmarks/gpu_session.sh": Skip("needs a CUDA GPU"),
     "python benchmarks/host_overhead.py": Skip("a timing benchmark; its figures and command are in benchmarks/RESULTS.md"),
     "python benchmarks/soak.py": Skip("thousands of steps (minutes); tests/test_soak_smoke.py runs it with --steps 50"),
+    # docs/architecture.md
+    "python -m lightning_optim.train [overrides]": Skip(
+        "the command's synopsis ([overrides] is a placeholder); the README's Hydra example runs it with overrides"),
+    "python -m lightning_optim.dashboard RUN_DIR -o OUT.html": Skip(
+        "the command's synopsis; the README's form of it (-o dashboard.html) runs on the Hydra example's run"),
 }
+
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def readme_commands(text: str | None = None) -> list[str]:
-    """The README's commands, in order, each once."""
+    """A page's commands (the README's by default), in order, each once."""
     text = (ROOT / "README.md").read_text() if text is None else text
     found: list[str] = []
     for lang, body in re.findall(r"```(\w*)\n(.*?)\n```", text, re.S):
@@ -91,12 +104,22 @@ def test_the_extraction_finds_blocks_and_inline_commands():
     assert readme_commands(text) == ["./setup.sh && .venv/bin/python -m pytest", "python -m a.b --x 1", "pip install ."]
 
 
-def test_every_readme_command_is_in_the_table():
-    commands = readme_commands()
-    missing = [c for c in commands if c not in COMMANDS]
-    assert not missing, f"README commands with no entry in COMMANDS (run or skip, and why): {missing}"
+def docs_commands() -> dict[str, list[str]]:
+    """Every command of the README and the docs pages, with the pages that show it."""
+    found: dict[str, list[str]] = {}
+    for page in PAGES:
+        for command in readme_commands(page.read_text()):
+            found.setdefault(command, []).append(page.relative_to(ROOT).as_posix())
+    return found
+
+
+def test_every_docs_command_is_in_the_table():
+    commands = docs_commands()
+    assert HYDRA_EXAMPLE in readme_commands() and DASHBOARD in readme_commands() and DEMO in readme_commands()
+    missing = [f"{c} ({', '.join(pages)})" for c, pages in commands.items() if c not in COMMANDS]
+    assert not missing, f"commands on a docs page with no entry in COMMANDS (run or skip, and why): {missing}"
     stale = [c for c in COMMANDS if c not in commands]
-    assert not stale, f"COMMANDS entries the README no longer has: {stale}"
+    assert not stale, f"COMMANDS entries no page has any more: {stale}"
     assert all(isinstance(v, Run) and v.how or isinstance(v, Skip) and v.why for v in COMMANDS.values())
 
 
