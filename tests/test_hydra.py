@@ -3,11 +3,14 @@ and conf/ shipped in the wheel."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -173,22 +176,117 @@ def test_foreign_app_rejects_a_typo_at_compose_time(tmp_path):
     assert proc.returncode != 0 and "Key 'lrr' not in 'OptimizerConfig'" in proc.stderr
 
 
+def _packaging_copy(dest: Path) -> Path:
+    """What a clean checkout gives setuptools: pyproject.toml, README.md, lightning_optim/, conf/.
+    Built from a copy because setuptools ships whatever an earlier build left in ./build/lib
+    (a module since moved or deleted would ride along), and so that nothing is written here."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, dest / name)
+    for name in ("lightning_optim", "conf"):
+        shutil.copytree(ROOT / name, dest / name, ignore=ignore)
+    return dest
+
+
+def _wheel_problems(names: list[str]) -> list[str]:
+    """What is wrong with a wheel's file list: each YAML file of conf/ exactly once, at the same
+    relative path under lightning_optim/conf/; every module of lightning_optim/ and conf/ (so
+    every subpackage: pyproject.toml lists them one by one, and one left out fails here), and
+    no module the checkout does not have; nothing at the top level but lightning_optim/ and
+    the dist-info (no stray conf/ package)."""
+    problems = [f"{n} is in the wheel {c} times" for n, c in collections.Counter(names).items() if c > 1]
+    yaml_in_wheel = sorted(n[len("lightning_optim/conf/"):] for n in names
+                           if n.startswith("lightning_optim/conf/") and n.endswith(".yaml"))
+    yaml_in_repo = sorted(p.relative_to(CONF).as_posix() for p in CONF.rglob("*.yaml"))
+    if yaml_in_wheel != yaml_in_repo:
+        problems.append(f"conf YAML in the wheel {yaml_in_wheel} != in conf/ {yaml_in_repo}")
+    package = ROOT / "lightning_optim"
+    modules = {f"lightning_optim/{p.relative_to(package).as_posix()}" for p in package.rglob("*.py")
+               if "__pycache__" not in p.parts}
+    modules |= {f"lightning_optim/conf/{p.relative_to(CONF).as_posix()}" for p in CONF.rglob("*.py")}
+    py_in_wheel = {n for n in names if n.endswith(".py")}
+    problems += [f"{m} is missing from the wheel (its package is not listed in pyproject.toml?)"
+                 for m in sorted(modules - py_in_wheel)]
+    problems += [f"{m} is in the wheel but not in the checkout" for m in sorted(py_in_wheel - modules)]
+    tops = {n.split("/", 1)[0] for n in names}
+    problems += [f"stray top-level {t!r} in the wheel" for t in sorted(tops)
+                 if t != "lightning_optim" and not t.startswith("lightning_optim-")]
+    return problems
+
+
+def test_the_wheel_check_catches_a_forgotten_package_and_a_stray_conf():
+    """_wheel_problems itself: a complete file list passes; a subpackage left out, a YAML file
+    twice, a top-level conf/ package each fail."""
+    package = ROOT / "lightning_optim"
+    names = [f"lightning_optim/{p.relative_to(package).as_posix()}" for p in package.rglob("*.py")
+             if "__pycache__" not in p.parts]
+    names += [f"lightning_optim/conf/{p.relative_to(CONF).as_posix()}" for p in CONF.rglob("*") if p.suffix in (".py", ".yaml")]
+    names.append("lightning_optim-0.1.0.dist-info/RECORD")
+    assert _wheel_problems(names) == []
+    without = [n for n in names if not n.startswith("lightning_optim/dashboard/")]
+    assert "lightning_optim/dashboard/__init__.py is missing from the wheel" in " ".join(_wheel_problems(without))
+    problems = _wheel_problems([*names, "lightning_optim/conf/optimizer/adamw.yaml"])
+    assert len(problems) == 2 and problems[0] == "lightning_optim/conf/optimizer/adamw.yaml is in the wheel 2 times"
+    assert problems[1].startswith("conf YAML in the wheel [")
+    assert _wheel_problems([*names, "lightning_optim/old_module.py"]) == [
+        "lightning_optim/old_module.py is in the wheel but not in the checkout"]
+    assert _wheel_problems([*names, "conf/optimizer/adamw.yaml"]) == ["stray top-level 'conf' in the wheel"]
+
+
 @pytest.mark.slow
 def test_conf_ships_in_the_wheel_and_works_from_an_install(tmp_path):
-    """pip wheel, unpack it away from the checkout, and run the foreign app against it."""
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                           "-w", str(tmp_path / "dist"), str(ROOT)], capture_output=True, text=True, timeout=300)
+    """``pip install .`` (not editable) into a fresh venv, then another Hydra app, run from a
+    directory outside the checkout with ``pkg://lightning_optim.conf`` on its search path,
+    composes ``optimizer=coupled_adam`` and builds a CoupledAdam from the installed package.
+
+    The fresh venv gets this venv's dependencies (torch, lightning, hydra, ...) through a .pth
+    line naming its site-packages: a plain path entry, so the editable install's finder there is
+    never activated, and lightning_optim comes from the fresh venv alone (checked)."""
+    (tmp_path / "src").mkdir()
+    src = _packaging_copy(tmp_path / "src")
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+
+    # the wheel's contents
+    proc = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    wheel = next((tmp_path / "dist").glob("lightning_optim-*.whl"))
-    names = zipfile.ZipFile(wheel).namelist()
-    for group, count in {"optimizer": 13, "scheduler": 7, "clipping": 4, "accumulation": 3, "logger": 3, "trainer": 1}.items():
-        assert len([n for n in names if n.startswith(f"lightning_optim/conf/{group}/") and n.endswith(".yaml")]) == count
-    site = tmp_path / "site"
-    zipfile.ZipFile(wheel).extractall(site)
-    env = {**os.environ, "PYTHONPATH": str(site)}
-    got = foreign(tmp_path, "optimizer=lion", env=env)
-    assert got["optimizer"] == "Lion"
-    assert got["package"].startswith(str(site))
+    (wheel,) = (tmp_path / "dist").glob("lightning_optim-*.whl")
+    assert _wheel_problems(zipfile.ZipFile(wheel).namelist()) == []
+
+    # pip install . into a fresh venv
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    fresh_site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                     capture_output=True, text=True, check=True).stdout.strip())
+    deps = sysconfig.get_paths()["purelib"]  # this venv's: torch, lightning, hydra, pip, setuptools
+    (fresh_site / "repo_venv_deps.pth").write_text(deps + "\n")
+    proc = subprocess.run([str(python), "-m", "pip", "--disable-pip-version-check", "-q", "install", "--no-deps",
+                           "--no-build-isolation", "--no-cache-dir", "--ignore-installed", str(src)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    installed = fresh_site / "lightning_optim"
+    assert (installed / "conf" / "optimizer" / "coupled_adam.yaml").is_file()
+    assert not (fresh_site / "conf").exists()
+
+    # another Hydra app, outside the checkout, with only the installed package to find
+    app = tmp_path / "foreign_app"
+    shutil.copytree(APP.parent, app, ignore=shutil.ignore_patterns("__pycache__"))
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    proc = subprocess.run([str(python), str(app / "app.py"), *QUIET, "optimizer=coupled_adam", "optimizer.lr=3e-4"],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (got["optimizer"], got["lr"], got["groups"]) == ("CoupledAdam", 3e-4, ["embedding", "no_decay", "decay"])
+    assert Path(got["package"]) == installed / "__init__.py"
+
+    # the installed commands start (their configs and entry points come from the wheel too)
+    for command, says in ((["-m", "lightning_optim.train", "--help"], "coupled_adam"),
+                          (["-m", "lightning_optim.dashboard", "--help"], "RUN_DIR")):
+        proc = subprocess.run([str(python), *command], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0 and says in proc.stdout, (command, proc.stdout[-2000:], proc.stderr[-3000:])
 
 
 @pytest.mark.parametrize("name", lo.optimizers())
