@@ -110,7 +110,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common import cpu_name, pick_device, sync
-from lightning_optim.integration.callback import MomentMonitor
+from lightning_optim.integration.moment_monitor import MomentMonitor
 from lightning_optim.clipping import GradientClipper
 from lightning_optim.integration.loggers import to_floats
 from lightning_optim.app.models import TinyGPT

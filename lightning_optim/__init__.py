@@ -16,7 +16,7 @@ from .validation import LightningOptimWarning
 __version__ = "0.1.0"
 
 # The Lightning side loads on first use, so the optimizers stay plain PyTorch.
-_LAZY = {"OptimizerCallback": "integration.callback", "MomentMonitor": "integration.callback"}
+_LAZY = {"OptimizerCallback": "integration.optimizer_callback", "MomentMonitor": "integration.moment_monitor"}
 
 
 def __getattr__(name: str):

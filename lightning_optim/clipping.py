@@ -60,7 +60,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype, _has_foreach_support
+from .integration.compat import group_tensors_by_device_and_dtype as _group_tensors_by_device_and_dtype
+from .integration.compat import has_foreach_support as _has_foreach_support
 
 from . import sharding
 from .validation import boolean, choice, invalid, positive, suggest

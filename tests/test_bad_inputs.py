@@ -33,7 +33,7 @@ from torch import nn
 
 import lightning_optim as lo
 from lightning_optim import config as C
-from lightning_optim.integration.callback import MomentMonitor, OptimizerCallback
+from lightning_optim.integration import MomentMonitor, OptimizerCallback
 from lightning_optim.registry import create_optimizer, options
 from lightning_optim.validation import ConfigurationError
 from lightning_helpers import BareLM, data, flat_params, trainer

@@ -14,7 +14,7 @@ from torch import nn
 
 import lightning_optim as lo
 from lightning_optim.accumulation import AccumulationSchedule
-from lightning_optim.integration.callback import OptimizerCallback
+from lightning_optim.integration import OptimizerCallback
 from lightning_helpers import BareLM, TiedLM, data, flat_params, trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
@@ -54,6 +54,41 @@ def test_every_optimizer_trains_a_module_without_configure_optimizers(name, capl
     assert type(t.optimizers[0]) is lo.registry.REGISTRY[name].cls
     assert "the module defines no configure_optimizers()" in caplog.text
     assert sum(model.losses[-5:]) / 5 < sum(model.losses[:5]) / 5
+
+
+class SetupOnlyCallback(OptimizerCallback):
+    """OptimizerCallback without its ``log`` setter: a plain attribute, so Lightning's assignment
+    installs nothing and only ``setup`` puts configure_optimizers on the module."""
+
+    log = None
+
+
+@pytest.mark.parametrize("callback_cls, module_cls, trains", [
+    (OptimizerCallback, BareLM, True),
+    (SetupOnlyCallback, BareLM, False),  # setup comes after Lightning's check: why the setter stays
+    (SetupOnlyCallback, TiedLM, True),   # a module with its own configure_optimizers needs setup only
+])
+def test_log_setter_is_what_lets_a_module_without_configure_optimizers_train(callback_cls, module_cls, trains, caplog):
+    """Lightning checks that the module overrides configure_optimizers before it calls any
+    callback hook, but after it assigns each callback's ``log``: the setter installs ours there.
+    Either way one line says what was replaced, and after fit the module pickles again
+    (``torch.save(model)``): teardown took our closure off it."""
+    import pickle
+
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    model = module_cls()
+    t = trainer([callback_cls(optimizer={"name": "adamw", "lr": 1e-2})], max_steps=3)
+    if not trains:
+        with pytest.raises(MisconfigurationException, match=r"No `configure_optimizers\(\)` method defined"):
+            t.fit(model, data())
+        return
+    with caplog.at_level(logging.INFO):
+        t.fit(model, data())
+    assert type(t.optimizers[0]) is lo.AdamW
+    assert caplog.text.count("OptimizerCallback: ") == 1
+    assert "configure_optimizers" not in model.__dict__
+    assert pickle.loads(pickle.dumps(model)).embed.weight.shape == model.embed.weight.shape
 
 
 def test_scheduler_steps_per_optimizer_step_not_per_micro_batch():
@@ -322,7 +357,7 @@ def test_mid_window_checkpoint_under_several_processes_warns_and_holds_no_gradie
     model = Regression()
     cb = OptimizerCallback(optimizer={"name": "sgd", "lr": 0.1}, accumulation={0: 1, 3: 4})
     cb.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    cb._trainer = SimpleNamespace(world_size=2)
+    cb._fit_trainer = SimpleNamespace(world_size=2)
     for b, steps in ((0, 0), (1, 1), (2, 2), (3, 3), (4, 3)):
         cb.accumulator.on_batch_start(b, steps, 0)
     with pytest.warns(lo.LightningOptimWarning, match=r"middle of an accumulation window \(2 of 4 micro-batches\) under 2 "
@@ -639,3 +674,7 @@ def test_metrics_are_logged_every_optimizer_step_whatever_log_every_n_steps(tmp_
                  if r.get("optim/accumulation")]
         assert sizes == [1.0] * 4 + [3.0] * 6 + [2.0] + [3.0] * 4
     assert float(run.callback_metrics["optim/skipped_steps"]) == 0.0  # still in callback_metrics
+    last = max(rows, key=lambda r: int(r["step"]) if r.get("optim/grad_norm_total") else -1)
+    assert int(last["step"]) == 14  # the two paths carry the same numbers: the last step's norm
+    assert float(run.callback_metrics["optim/grad_norm_total"]) == pytest.approx(
+        float(last["optim/grad_norm_total"]), rel=1e-6)

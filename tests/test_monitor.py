@@ -15,7 +15,7 @@ import torch
 import yaml
 from lightning.pytorch.loggers import CSVLogger
 
-from lightning_optim.integration.callback import MomentMonitor, OptimizerCallback
+from lightning_optim.integration import MomentMonitor, OptimizerCallback
 from lightning_optim.config import MonitorConfig, monitor_config
 from lightning_optim.stats import STATS
 from lightning_helpers import BareLM, TiedLM, data, trainer

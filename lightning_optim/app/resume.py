@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +33,9 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ..checkpoint import CheckpointError, atomic_write, checkpoint_step, newest_intact_checkpoint, verify_checkpoint
+from ..integration.compat import hooked_model_checkpoint, save_last_checkpoint_if_due
 from ..validation import ConfigurationError
 
 
@@ -71,12 +72,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             atomic_write(self.pending.pop(path), path)
 
 
-class StepCheckpoint(ModelCheckpoint):
+class StepCheckpoint(hooked_model_checkpoint()):  # type: ignore[misc]
     """A checkpoint every ``every_n_steps`` optimizer steps (``epoch=E-step=S.ckpt``, the
     newest ``keep`` of them kept, -1 all) and ``last.ckpt``, committed after the iteration's
     metrics (module docstring; needs :class:`AtomicCheckpointIO` as the Trainer's CheckpointIO,
     else it saves as ``ModelCheckpoint`` does). ``last.ckpt`` is also written at the end of
-    training when the last step is no multiple of ``every_n_steps``."""
+    training when the last step is no multiple of ``every_n_steps``.
+
+    A ``ModelCheckpoint`` whose base (:func:`.compat.hooked_model_checkpoint`) routes each
+    file write through :meth:`around_save`; Lightning's own step for that is private."""
 
     def __init__(self, dirpath: str | os.PathLike, every_n_steps: int, keep: int = 2) -> None:
         # Without a monitor Lightning keeps 1 or all; "step" (always among its candidates)
@@ -92,13 +96,13 @@ class StepCheckpoint(ModelCheckpoint):
         checkpoint_io = trainer.strategy.checkpoint_io
         return checkpoint_io if isinstance(checkpoint_io, AtomicCheckpointIO) else None
 
-    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+    def around_save(self, trainer: pl.Trainer, save: Callable[[], None]) -> None:
         checkpoint_io = self._io(trainer)
         if checkpoint_io is None:
-            return super()._save_checkpoint(trainer, filepath)
+            return save()
         checkpoint_io.defer = True
         try:
-            super()._save_checkpoint(trainer, filepath)
+            save()
         finally:
             checkpoint_io.defer = False
 
@@ -116,8 +120,7 @@ class StepCheckpoint(ModelCheckpoint):
         self._commit(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._last_global_step_saved != trainer.global_step:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        save_last_checkpoint_if_due(self, trainer)
         self._commit(trainer)
 
 

@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader
 from torchmetrics.text import Perplexity
 
 from .. import conf  # noqa: F401  (registers the config schemas)
-from ..integration.callback import MomentMonitor, OptimizerCallback
+from ..integration import MomentMonitor, OptimizerCallback
 from ..data import ResumableDataLoader
 from ..config import COMPONENT_NODES, CheckpointConfig, compose_error, node_error
 from .corpus import Corpus, TokenWindows, load_corpus, zipf_exponent

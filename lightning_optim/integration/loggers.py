@@ -24,27 +24,30 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from ..extras import require_logger
 from ..validation import choice, invalid
+from .compat import hooked_experiment_writer, set_csv_experiment
 
 LOGGERS = ("csv", "tensorboard", "wandb")
 
 
-class ContinuingExperimentWriter(ExperimentWriter):
+class ContinuingExperimentWriter(hooked_experiment_writer()):  # type: ignore[misc]
     """Lightning's CSV writer that continues an existing ``metrics.csv`` instead of deleting it.
 
     Its columns start as the file's header, so appended rows line up with the old ones; a
     new column rewrites the file under the wider header (as Lightning does), atomically.
+    The two steps it replaces are private in Lightning's writer:
+    :func:`.compat.hooked_experiment_writer` gives them public names.
     """
 
-    def _check_log_dir_exists(self) -> None:
-        if self._fs.isfile(self.metrics_file_path):
-            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+    def prepare_log_dir(self) -> None:
+        if self.fs.isfile(self.metrics_file_path):
+            with self.fs.open(self.metrics_file_path, "r", newline="") as file:
                 header = next(csv.reader(file), [])
             self.metrics_keys = list(header)
 
-    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+    def rewrite_with_header(self, fieldnames: list[str]) -> None:
         from ..checkpoint import atomic_write
 
-        with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+        with self.fs.open(self.metrics_file_path, "r", newline="") as file:
             metrics = list(csv.DictReader(file))
         out = io.StringIO(newline="")
         writer = csv.DictWriter(out, fieldnames=fieldnames)
@@ -58,11 +61,7 @@ class ContinuingCSVLogger(CSVLogger):
 
     @property
     def experiment(self) -> ExperimentWriter:
-        if self._experiment is not None:
-            return self._experiment
-        self._fs.makedirs(self.root_dir, exist_ok=True)
-        self._experiment = ContinuingExperimentWriter(log_dir=self.log_dir)
-        return self._experiment
+        return set_csv_experiment(self, ContinuingExperimentWriter)
 
 
 def cut_metrics(path: str | os.PathLike, before_step: int) -> tuple[int, int]:

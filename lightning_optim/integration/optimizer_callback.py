@@ -4,7 +4,9 @@ What it does, in the order Lightning calls it:
 
 1. ``setup``: refuses what cannot work (manual optimization, the Trainer's own
    ``gradient_clip_val`` or ``accumulate_grad_batches`` next to ours) and puts its own
-   ``configure_optimizers`` on the module, so that Lightning builds our optimizer.
+   ``configure_optimizers`` on the module, so that Lightning builds our optimizer (already
+   done when Lightning assigned the callback's ``log``, before it checks that the module has
+   a ``configure_optimizers``: see the ``log`` setter).
 2. ``configure_optimizers`` (ours): splits the module with :func:`param_groups`, builds the
    optimizer from the registry and the LR schedule, and logs once what it replaced.
    The optimizer's ``step`` is wrapped so that a step can be skipped and the schedule
@@ -19,6 +21,9 @@ What it does, in the order Lightning calls it:
    mid-window in one process, the gradients accumulated so far) and the count of steps
    taken, so a resumed run continues exactly.
 
+Lightning's private attributes and torch's AMP internals are reached only through
+:mod:`lightning_optim.integration.compat`.
+
 The LR schedule is stepped by this callback after each step taken, not by Lightning, so a
 skipped step leaves it unchanged; it is therefore not in ``trainer.lr_scheduler_configs``,
 and the callback logs ``optim/lr/<group>`` itself.
@@ -29,7 +34,6 @@ from __future__ import annotations
 import logging
 import math
 import types
-from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -41,13 +45,16 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from ..accumulation import Accumulator
-from .checkpoint_guard import guard_checkpoint_loading
 from ..config import accumulation_config, clipping_config, optimizer_config, partition_config, scheduler_config
-from .loggers import log_histograms, log_metrics
 from ..partition import param_groups, summarize
 from ..registry import REGISTRY, create_optimizer
 from ..schedules import build_scheduler, describe
 from ..validation import ConfigurationError, LightningOptimWarning
+from . import compat
+from .checkpoint_guard import guard_checkpoint_loading
+from .loggers import log_metrics
+
+__all__ = ["OptimizerCallback", "unscale_for_fused_amp"]
 
 log = logging.getLogger("lightning_optim")
 
@@ -98,6 +105,7 @@ class OptimizerCallback(Callback):
         self._pending_grads: list[torch.Tensor | None] | None = None  # an open window's, from a checkpoint
         self._resumed_open_window = False
         self._warned_mid_window = False
+        self._fit_trainer: pl.Trainer | None = None  # set in setup, for the hooks Lightning calls without it
 
     # ----- setup --------------------------------------------------------------------------
 
@@ -138,7 +146,7 @@ class OptimizerCallback(Callback):
                 "configure_model (FSDP2): see README, 'Distributed training'."
             )
         self._install(pl_module)
-        self._trainer = trainer
+        self._fit_trainer = trainer
         # Refuse a truncated or corrupted checkpoint by name before Lightning loads it. The
         # path is not known yet (trainer.ckpt_path is set in the same call that loads the
         # file, after this hook), so the check wraps the strategy's load_checkpoint.
@@ -179,10 +187,15 @@ class OptimizerCallback(Callback):
         else:
             pl_module.__dict__["configure_optimizers"] = original  # the module's own attribute
 
-    # Lightning checks that configure_optimizers exists before any callback hook runs, but it
-    # first hands every callback the module's ``log`` (``_attach_model_logging_functions``).
-    # That assignment is the earliest moment the callback sees the module, so install there;
-    # ``setup`` installs again in case a future Lightning stops doing it.
+    # Why a ``log`` setter and not just ``setup``: Trainer._run checks that the module overrides
+    # configure_optimizers (``_verify_loop_configurations``) before it calls any callback hook,
+    # so for a module that defines none, ``setup`` comes too late and Lightning raises "No
+    # `configure_optimizers()` method defined". Just before that check it hands every callback
+    # the module's ``log`` (``_CallbackConnector._attach_model_logging_functions``): the earliest
+    # moment a callback sees the module, so install there. Checked on lightning 2.6.6, present
+    # since 2.4.0 (tests/test_compat.py checks the order; test_callback.py's
+    # test_log_setter_is_what_lets_a_module_without_configure_optimizers_train shows the failure
+    # without it). ``setup`` installs again, which is all a module with its own method needs.
     @property
     def log(self) -> Any:
         return self.__dict__.get("_log")
@@ -279,9 +292,7 @@ class OptimizerCallback(Callback):
         if acc.must_zero_grad(batch_idx) or resumed_open:
             # Lightning zeroes only where batch_idx % accumulate_grad_batches == 0; run its own
             # zero_grad path (hooks, the module's optimizer_zero_grad, its progress counters).
-            loop = trainer.fit_loop.epoch_loop.automatic_optimization
-            loop._on_before_zero_grad(trainer.optimizers[0])
-            loop._optimizer_zero_grad(batch_idx, trainer.optimizers[0])
+            compat.zero_grad_as_lightning(trainer, batch_idx, trainer.optimizers[0])
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -302,7 +313,7 @@ class OptimizerCallback(Callback):
         # After the window's last backward (under DDP: the synchronized one) the gradients are
         # sum_b g_b / k; make them the mean here, before any on_before_optimizer_step (the
         # MomentMonitor's gradient statistics, clipping) reads them.
-        if self.accumulator is not None and not trainer.fit_loop._should_accumulate():
+        if self.accumulator is not None and not compat.should_accumulate(trainer):
             self._scale_window(trainer.optimizers[0])
 
     def _scale_window(self, optimizer: torch.optim.Optimizer) -> None:
@@ -343,11 +354,14 @@ class OptimizerCallback(Callback):
         metrics["optim/clipped_steps"] = float(self.clipper.clipped_steps)
         if self.accumulator is not None:
             metrics["optim/accumulation"] = float(self.accumulator.micro_batches)  # what this step averaged
-        # Every optimizer step, whatever the Trainer's log_every_n_steps: to the loggers directly
-        # (rank zero), at the step value Lightning gives this batch's own metrics, as MomentMonitor
-        # does. should_skip has just waited for the norms, so reading them here costs no stall.
-        # In callback_metrics too (not logged from there), for the progress bar or a checkpoint monitor.
-        log_metrics(trainer, metrics, _lightning_log_step(trainer))
+        # Two paths, one job each; neither can do the other's. To the loggers directly (rank zero):
+        # every optimizer step whatever the Trainer's log_every_n_steps, at the step value Lightning
+        # gives this batch's own metrics, as MomentMonitor does (self.log would follow
+        # log_every_n_steps). Into callback_metrics through log_dict(logger=False): Lightning's public
+        # way to feed a ModelCheckpoint/EarlyStopping monitor or the progress bar (writing to the
+        # loggers does not, and callback_metrics has no public setter). should_skip has just waited
+        # for the norms, so reading them here costs no stall.
+        log_metrics(trainer, metrics, compat.lightning_log_step(trainer))
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, logger=False)
 
     def _say_skipped(self, trainer: pl.Trainer, report: Any) -> None:
@@ -384,7 +398,7 @@ class OptimizerCallback(Callback):
     def _open_window_grads(self) -> list[torch.Tensor | None] | None:
         """The gradients an open window has summed so far, for a checkpoint written mid-window;
         None under several processes, where each rank holds its own partial sum (warned once)."""
-        trainer = getattr(self, "_trainer", None)
+        trainer = self._fit_trainer
         if trainer is not None and trainer.world_size > 1:
             if not self._warned_mid_window:
                 self._warned_mid_window = True
@@ -441,31 +455,25 @@ class OptimizerCallback(Callback):
         # it, so a stateful loader (data.ResumableDataLoader) would start the interrupted
         # epoch over. Dropping it, as Lightning's own tuner does, makes the fit loop build it
         # again after the restore, with the saved state.
-        fit_loop = getattr(getattr(self, "_trainer", None), "fit_loop", None)
-        if fit_loop is not None and not fit_loop.restarting and getattr(fit_loop, "_combined_loader", None) is not None:
-            if fit_loop._data_fetcher is not None:
-                fit_loop._data_fetcher.teardown()  # stops the workers of the iterator started early
-                fit_loop._data_fetcher = None
-            fit_loop._combined_loader = None
+        if self._fit_trainer is not None:
+            compat.drop_train_dataloader(self._fit_trainer)
 
 
 def unscale_for_fused_amp(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
     """Unscale the AMP gradients before clipping and statistics read them, once per step.
 
     Lightning's ``MixedPrecision`` plugin unscales before ``on_before_optimizer_step``, except
-    for optimizers that take the scale themselves (``_step_supports_amp_scaling``: our
+    for optimizers that take the scale themselves (:func:`.compat.takes_amp_scale`: our
     ``triton`` backend, torch's ``fused=True`` Adam): for those it leaves the gradients
     scaled, and a clip norm or a statistic would be off by the scale. ``GradScaler.unscale_``
     launches kernels only (no host sync) and records ``found_inf``; the fused step then
     gets ``grad_scale=None`` and applies only ``found_inf``, on the device."""
-    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+    if not compat.takes_amp_scale(optimizer):
         return
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     if scaler is None or not scaler.is_enabled():
         return
-    from torch.amp.grad_scaler import OptState
-
-    if scaler._per_optimizer_states[id(optimizer)]["stage"] is OptState.READY:
+    if compat.scaler_ready_to_unscale(scaler, optimizer):
         scaler.unscale_(optimizer)
 
 
@@ -488,197 +496,3 @@ def _describe(result: Any) -> str:
     if isinstance(result, (list, tuple)):
         return " + ".join(_describe(r) for r in result)
     return type(result).__name__
-
-
-class MomentMonitor(Callback):
-    """Log optimizer moment statistics through the Trainer's loggers.
-
-    Every ``every_n_steps`` optimizer steps it logs, per monitored parameter,
-    ``optim/<stat>/<parameter name>`` for the stats of :data:`lightning_optim.stats.STATS`
-    (grad norm before clipping, param norm, update ratio, ||m_hat||, mean and max of
-    sqrt(v_hat), second-moment drift and log-ratio since the previous log, pseudo-SNR, dead
-    fraction); per group ``optim/clipped_fraction/<group>`` (with an OptimizerCallback) and
-    ``optim/lr/<group>`` (without one, which logs it every step). Every
-    ``expensive_every_n_steps`` it adds, for each embedding (a tensor in a coupled group, or
-    an ``nn.Embedding`` weight), ``embedding/mean_norm|mean_ratio|isotropy/<name>``, and for
-    W&B histograms ``optim/log10_sqrt_v/<name>``.
-
-    The statistics are device tensors (:mod:`lightning_optim.stats`); they reach the host
-    once per log, in :func:`lightning_optim.integration.loggers.log_metrics`, on rank zero. Steps that
-    do not log cost nothing. Under DDP the gradients and parameters are identical on every
-    rank after the all-reduce, so the statistics are too.
-
-    Works with the lightning_optim optimizers and with ``torch.optim`` Adam/AdamW/SGD. To see
-    gradients before clipping it runs its ``on_before_optimizer_step`` before any
-    OptimizerCallback's (it moves itself ahead of them in ``trainer.callbacks``).
-
-    **Cadence and step axis.** It logs after the optimizer steps ``k = every_n_steps,
-    2*every_n_steps, ...`` (``k`` counts the steps Lightning has run, 1-based, skipped ones
-    included: ``trainer.global_step`` once the step is done), whatever the Trainer's
-    ``log_every_n_steps``: it writes to ``trainer.loggers`` itself, as Lightning's
-    ``LearningRateMonitor`` does, not through ``LightningModule.log``. The metrics of step ``k``
-    are logged at step ``k - 1``: the step value Lightning gives that batch's own metrics
-    (``self.log("train/loss", ...)`` in ``training_step``, ``LearningRateMonitor``), so a
-    monitor row and the loss of the batch that completed the same optimizer step share one
-    x value. With ``every_n_steps=10`` the rows are at steps 9, 19, 29, where
-    ``log_every_n_steps=10`` puts Lightning's. Under gradient accumulation an optimizer step
-    spans several batches; its statistics are taken on the last one, the one that steps, and
-    share its step value.
-
-    Args: the fields of :class:`lightning_optim.config.MonitorConfig` (the ``monitor`` node),
-    by the same names, so ``MomentMonitor(**node)`` builds it from the Hydra node or a plain
-    dict. ``enabled=False`` (the ``off`` node) gives a monitor that does nothing: no
-    statistics, no logging, no state.
-    """
-
-    def __init__(
-        self,
-        every_n_steps: int = 50,
-        expensive_every_n_steps: int = 500,
-        stats: Sequence[str] | None = None,
-        include: Sequence[str] = ("*",),
-        exclude: Sequence[str] = (),
-        update_ratio: bool = True,
-        embeddings: bool = True,
-        histograms: bool = True,
-        drift_max_elements: int = 1 << 20,
-        enabled: bool = True,
-    ) -> None:
-        super().__init__()
-        from ..config import MonitorConfig
-
-        self.config = MonitorConfig(
-            every_n_steps=every_n_steps, expensive_every_n_steps=expensive_every_n_steps,
-            stats=stats, include=include, exclude=exclude, update_ratio=update_ratio,
-            embeddings=embeddings, histograms=histograms, drift_max_elements=drift_max_elements,
-            enabled=enabled,
-        )
-        self.stats: Any = None
-        self._optimizer: torch.optim.Optimizer | None = None
-        self._pending_step: int | None = None
-        self._last_clips: dict[str, int] = {}
-        self._last_step = 0
-        self._pending_state: dict[str, Any] | None = None
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        """What the first log after a resume needs to read as an uninterrupted run's: the
-        drift references (``v_drift``, ``v_log_ratio``) and the clip counts and step of the
-        previous log (``clipped_fraction``)."""
-        if self.stats is None and self._pending_state is not None:
-            return dict(self._pending_state)  # resumed, no log yet (or disabled): pass the state on
-        if not self.config.enabled:
-            return {}
-        return {"stats": self.stats.state_dict() if self.stats is not None else None,
-                "last_clips": dict(self._last_clips), "last_step": self._last_step}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._last_clips = dict(state_dict.get("last_clips", {}))
-        self._last_step = int(state_dict.get("last_step", 0))
-        self._pending_state = dict(state_dict)  # the stats are built at the first log
-        if self.stats is not None:
-            self._apply_pending_state()
-
-    def _apply_pending_state(self) -> None:
-        state, self._pending_state = self._pending_state, None
-        if state is not None and state.get("stats") is not None:
-            self.stats.load_state_dict(state["stats"])
-
-    @classmethod
-    def from_config(cls, node: Any) -> MomentMonitor | None:
-        """The older spelling of ``MomentMonitor(**node)``, kept for code that uses it: the
-        same monitor, except that a node with ``enabled: false`` gives None."""
-        from ..config import monitor_config
-
-        cfg = monitor_config(node)
-        return cls(**vars(cfg)) if cfg.enabled else None
-
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not self.config.enabled:
-            return
-        callbacks = trainer.callbacks
-        mine = callbacks.index(self)
-        first = next((i for i, cb in enumerate(callbacks) if isinstance(cb, OptimizerCallback)), None)
-        if first is not None and first < mine:
-            callbacks.insert(first, callbacks.pop(mine))
-
-    def _optimizer_callback(self, trainer: pl.Trainer) -> OptimizerCallback | None:
-        return next((cb for cb in trainer.callbacks if isinstance(cb, OptimizerCallback)), None)
-
-    def _ensure_stats(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.stats is None or self._optimizer is not optimizer:
-            from ..stats import MomentStats
-
-            c = self.config
-            self.stats = MomentStats(optimizer, stats=c.stats, include=c.include, exclude=c.exclude,
-                                     drift_max_elements=c.drift_max_elements)
-            self._optimizer = optimizer
-            self._apply_pending_state()
-
-    @override
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
-        step = trainer.global_step + 1  # the step about to be taken, 1-based
-        if not self.config.enabled or step % self.config.every_n_steps:
-            return
-        unscale_for_fused_amp(trainer, optimizer)
-        self._ensure_stats(optimizer)
-        self.stats.before_step(update_ratio=self.config.update_ratio)
-        self._pending_step = step
-
-    @override
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._pending_step is None or trainer.global_step < self._pending_step:
-            return  # no log this step, or still accumulating toward it
-        step, self._pending_step = self._pending_step, None
-        metrics: dict[str, Any] = dict(self.stats.after_step())
-        optimizer = self._optimizer
-        names = [g.get("name", f"group{i}") for i, g in enumerate(optimizer.param_groups)]
-        owner = self._optimizer_callback(trainer)
-        if owner is None:
-            for name, group in zip(names, optimizer.param_groups):
-                metrics[f"optim/lr/{name}"] = float(group["lr"])
-        else:
-            clips = owner.clipper.group_clipped_steps
-            steps = max(step - self._last_step, 1)
-            for name in names:
-                metrics[f"optim/clipped_fraction/{name}"] = (clips.get(name, 0) - self._last_clips.get(name, 0)) / steps
-            self._last_clips, self._last_step = dict(clips), step
-        expensive = step % self.config.expensive_every_n_steps == 0
-        if self.config.embeddings:
-            metrics.update(self.stats.embedding_stats(self._embeddings(pl_module, optimizer), isotropy=expensive))
-        at = _lightning_log_step(trainer)
-        log_metrics(trainer, metrics, at)
-        if expensive and self.config.histograms:
-            log_histograms(trainer, {f"optim/log10_sqrt_v/{k}": v.clamp_min(1e-30).log10() for k, v in self.stats.sqrt_v().items()}, at)
-
-    @staticmethod
-    def _embeddings(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-        """Tensors whose rows are embeddings: coupled groups, and nn.Embedding weights."""
-        found: dict[str, torch.Tensor] = {}
-        for group in optimizer.param_groups:
-            if group.get("coupled"):
-                for i, p in enumerate(group["params"]):
-                    name = (group.get("param_names") or [f"{group.get('name', 'group')}.{i}"] * len(group["params"]))[i]
-                    found[name] = p
-        for name, mod in module.named_modules():
-            if isinstance(mod, torch.nn.Embedding) and mod.weight.requires_grad:
-                if not any(mod.weight is t for t in found.values()):
-                    found[f"{name}.weight" if name else "weight"] = mod.weight
-        return found
-
-
-def _lightning_log_step(trainer: pl.Trainer) -> int:
-    """The step value Lightning's own logging gives the batch now ending.
-
-    ``LightningModule.log`` in ``training_step`` and Lightning's ``LearningRateMonitor`` log at
-    the fit loop's count of batches that stepped the optimizer, which it increments only after
-    ``on_train_batch_end`` and after writing the batch's metrics: for the batch that runs
-    optimizer step ``k`` (1-based) it is ``k - 1``, also across a resume (Lightning restores and
-    adjusts it). Reading that counter, as ``LearningRateMonitor`` does, puts the monitor's rows
-    on the same x value as the loss of the same batch; ``global_step - 1`` is the same number
-    where the counter is missing."""
-    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
-    counted = getattr(loop, "_batches_that_stepped", None)
-    return int(counted) if counted is not None else trainer.global_step - 1
