@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..extras import import_extra
 from ..validation import ConfigurationError, invalid
 
 __all__ = ["Corpus", "TokenWindows", "load_corpus", "stdlib_files", "split_files", "zipf_exponent", "cache_root"]
@@ -158,7 +159,7 @@ def load_corpus(
     verbose: bool = True,
 ) -> Corpus:
     """The prepared corpus, from the cache or built now (see the module docstring)."""
-    import tokenizers
+    tokenizers = import_extra("tokenizers", extra="app", feature="the main job's corpus")
 
     if isinstance(vocab_size, bool) or not (isinstance(vocab_size, int) and 257 <= vocab_size < 2**31):
         raise invalid("corpus", "vocab_size", vocab_size, "must be an int >= 257 (the 256 bytes and <|endoftext|>)")

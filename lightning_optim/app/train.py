@@ -61,6 +61,7 @@ from ..data import ResumableDataLoader
 from ..config import COMPONENT_NODES, CheckpointConfig, compose_error, node_error
 from .corpus import Corpus, TokenWindows, load_corpus, zipf_exponent
 from ..dashboard import NoMetricsError, render
+from ..extras import MissingExtraError, require, require_logger
 from ..integration.loggers import build_logger, close, cut_metrics
 from .models import TinyGPT
 from .resume import AtomicCheckpointIO, StepCheckpoint, config_changes, resolve_resume
@@ -199,10 +200,25 @@ def _positive_int(node_name: str, field: str, value: Any) -> int:
     return value
 
 
+def _require_extras(cfg: DictConfig) -> None:
+    """The packages of the extras this run needs (the ``app`` extra: tokenizers for the corpus,
+    matplotlib for the dashboard it writes at the end; the logger's), as a config error naming
+    the pip install to run, before anything is built or written."""
+    try:
+        require("tokenizers", extra="app", feature="the main job's corpus")
+        require("matplotlib", extra="app", feature="the main job's dashboard")
+    except MissingExtraError as err:
+        raise ConfigurationError(str(err)) from err
+    logger = cfg.logger.get("name") if isinstance(cfg.get("logger"), DictConfig) else None
+    with node("logger", MissingExtraError):
+        require_logger(str(logger))
+
+
 def prepare(cfg: DictConfig, out: Path) -> Job:
     """Build the run from a composed config, each node checked (a ``ConfigurationError`` names
     the node). Nothing is written under ``out``; the corpus is built into its cache the first time."""
     _check_keys(cfg)
+    _require_extras(cfg)
     callback = build_callback(cfg)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     with node("monitor", TypeError):
