@@ -22,6 +22,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,20 +31,33 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from lightning_optim.backends.triton import launcher
+from lightning_optim.registry import create_optimizer, optimizers
 
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 COMMON = dict(W=7, BLOCK=launcher.BLOCK["cuda"], ALIGNED=True, HAS_SCALE=True, HAS_FOUND=True, HAS_CLIP=False,
               MASTER=False, MSLOT=5, MAXIMIZE=False, WD=True)
-KERNELS = {
-    "sgd_kernel (momentum)": ("sgd_kernel", dict(MOMENTUM=True, NESTEROV=False)),
-    "adagrad_kernel": ("adagrad_kernel", {}),
-    "rmsprop_kernel": ("rmsprop_kernel", dict(CENTERED=False, MOMENTUM=False)),
-    "adam_kernel (AdamW)": ("adam_kernel", dict(DECOUPLED=True, AMSGRAD=False, COUPLED=False, YOGI=False)),
-    "adam_kernel (coupled)": ("adam_kernel", dict(DECOUPLED=True, AMSGRAD=False, COUPLED=True, YOGI=False)),
-    "adam_kernel (Yogi)": ("adam_kernel", dict(DECOUPLED=True, AMSGRAD=False, COUPLED=False, YOGI=True)),
-    "nadam_kernel": ("nadam_kernel", dict(DECOUPLED=True, RADAM=False)),
-    "lion_kernel": ("lion_kernel", {}),
-}
+
+
+def _kernels() -> dict[str, tuple[str, dict]]:
+    """One entry per distinct (kernel, rule switches) of the registry's names at their
+    defaults (with weight decay on, and Coupled Adam's coupled group), read from the rule
+    table: a new rule's kernel is listed without an edit here."""
+    found: dict[str, tuple[str, dict]] = {}
+    for name in optimizers():
+        with warnings.catch_warnings():  # "coupled=True, but only CoupledAdam couples"
+            warnings.simplefilter("ignore")
+            opt = create_optimizer({"name": name, "weight_decay": 0.1},
+                                   [{"params": [torch.zeros(2, 2, requires_grad=True)], "coupled": True}],
+                                   backend="reference")
+        group = opt.param_groups[0]
+        plan = opt.spec_for(group).launch(group)
+        switches = {k: v for k, v in plan.switches.items() if k != "WD"}
+        if all((plan.kernel, switches) != seen for seen in found.values()):
+            found[f"{plan.kernel} ({name})"] = (plan.kernel, switches)
+    return found
+
+
+KERNELS = _kernels()
 
 
 def compile_for_sm90(name: str, switches: dict, kind: int, **constexprs) -> dict:

@@ -240,10 +240,10 @@ def min_bytes(opt: torch.optim.Optimizer, params) -> int:
 
 
 def triton_bytes(opt) -> int:
-    """The bytes the fused kernels move per step, from the per-rule table of the backend."""
+    """The bytes the fused kernels move per step, from the rule table (each rule's spec)."""
     total = 0
     for group in opt.param_groups:
-        rule = opt._rule(group)
+        rule = opt.spec_for(group)
         for p in group["params"]:
             master = "master_param" in opt.state.get(p, {})
             total += triton_backend.bytes_per_param(rule, group, p.dtype, master=master) * p.numel()

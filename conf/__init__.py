@@ -8,23 +8,7 @@ schemas below in its ConfigStore, so ``optimizer.lrr=1`` (a typo) or ``optimizer
 
 from hydra.core.config_store import ConfigStore
 
-from ..config import (
-    AccumulationConfig,
-    ClippingConfig,
-    MonitorConfig,
-    OptimizerConfig,
-    PartitionConfig,
-    SchedulerConfig,
-)
-
-SCHEMAS = {
-    "optimizer": OptimizerConfig,
-    "scheduler": SchedulerConfig,
-    "clipping": ClippingConfig,
-    "accumulation": AccumulationConfig,
-    "partition": PartitionConfig,
-    "monitor": MonitorConfig,
-}
+from ..config import SCHEMAS  # group -> dataclass, kept next to the dataclasses
 
 
 def schema_name(group: str) -> str:

@@ -34,8 +34,9 @@ skips in a row the next non-finite step raises, since training has then diverged
 hit one bad batch. Under fp16 AMP, the GradScaler's own overflow steps (the unscaled grads
 are inf) are counted here as well.
 
-Fused with the step. On the ``triton`` backend ``clip_`` does not rescale or clamp the
-gradients: it hands each group's coefficient (a 0-d device tensor) or bound to the optimizer
+Fused with the step. On a backend that applies gradient transforms inside its update
+(``fused_grad_transform``, :mod:`lightning_optim.backends.protocol`: triton) ``clip_`` does
+not rescale or clamp the gradients: it hands each group's coefficient (a 0-d device tensor) or bound to the optimizer
 (``Optimizer.scale_next_step``), and the update kernel applies it to g in registers while
 it reads g anyway. That saves a pass that reads and writes every gradient (8 of fp32
 AdamW's 36 bytes per parameter); the ``.grad`` tensors then stay unclipped. ``fused=False``
@@ -63,7 +64,7 @@ from torch import Tensor
 from .integration.compat import group_tensors_by_device_and_dtype as _group_tensors_by_device_and_dtype
 from .integration.compat import has_foreach_support as _has_foreach_support
 
-from . import sharding
+from . import backends, sharding
 from .validation import boolean, choice, invalid, positive, suggest
 
 __all__ = ["ClipReport", "GradientClipper", "NonFiniteGradientError"]
@@ -173,12 +174,13 @@ class GradientClipper:
     def clip_(self, optimizer: torch.optim.Optimizer, *, fused: bool | None = None) -> ClipReport:
         """Clip ``optimizer``'s gradients and report the pre-clip norms. No host sync.
 
-        ``fused`` (default: when the optimizer's backend is ``triton``): leave the gradients
+        ``fused`` (default: when the optimizer's backend has ``fused_grad_transform``): leave the gradients
         as they are and hand each group's coefficient or bound to the optimizer's next step
         (:meth:`lightning_optim.optim.base.Optimizer.scale_next_step`), which applies it while
         it reads the gradient anyway, instead of a pass that reads and writes every gradient."""
         if fused is None:
-            fused = getattr(optimizer, "backend", None) == "triton"
+            backend = backends.capabilities(optimizer)
+            fused = backend is not None and backend.fused_grad_transform
         if fused and not hasattr(optimizer, "scale_next_step"):
             raise invalid(OWNER, "fused", fused, f"needs a lightning_optim optimizer, not {type(optimizer).__name__}")
         names, members, sharded = self._collect(optimizer)

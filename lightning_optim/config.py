@@ -127,8 +127,6 @@ def compose_error(err: BaseException) -> ConfigurationError:
         return ConfigurationError(one_line(err) + (f": {reason}" if cause is not None else ""))
     node, field_name = split(key)
     if type(cause).__name__ in ("ConfigAttributeError", "ConfigKeyError"):
-        from .conf import SCHEMAS
-
         schema = SCHEMAS.get(node)
         if schema is not None and field_name:
             known = [f.name for f in dataclasses.fields(schema)]
@@ -146,61 +144,78 @@ def compose_error(err: BaseException) -> ConfigurationError:
         return ConfigurationError(f"{node}: {field_name} is invalid: {reason}")
     return invalid(node, field_name, value, reason)
 
-@dataclass
-class OptimizerConfig:
-    """The ``optimizer`` node. Fields left ``None`` take the rule's default (see README).
+def _optimizer_post_init(self) -> None:
+    options = registry.options(self.name)  # raises on an unknown name, with suggestions
+    kwargs = self.kwargs()
+    for key in kwargs:
+        if key not in options:
+            raise invalid(
+                "optimizer", key, kwargs[key],
+                f"{self.name} has no option {key!r}; its options are {', '.join(options)}",
+            )
+    if self.lr is not None:
+        positive("optimizer", "lr", self.lr)
+    # The optimizer's own checks, run once on a placeholder tensor, so that a bad value
+    # fails here, with the optimizer's message under this node's name, not after the model is built.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            registry.create_optimizer(self.name, [torch.zeros(1, requires_grad=True)], **kwargs)
+        except ConfigurationError as err:
+            raise node_error(err, "optimizer") from err
 
-    Only the fields the named rule has may be set: ``momentum`` on ``adam`` is an error.
-    """
 
-    name: str = "adamw"
-    lr: Optional[float] = None
-    betas: Optional[list[float]] = None
-    eps: Optional[float] = None
-    weight_decay: Optional[float] = None
-    momentum: Optional[float] = None
-    dampening: Optional[float] = None
-    nesterov: Optional[bool] = None
-    alpha: Optional[float] = None
-    centered: Optional[bool] = None
-    lr_decay: Optional[float] = None
-    initial_accumulator_value: Optional[float] = None
-    momentum_decay: Optional[float] = None
-    decoupled_weight_decay: Optional[bool] = None
-    amsgrad: Optional[bool] = None
-    maximize: Optional[bool] = None
-    bias_correction: Optional[bool] = None
-    coupling_scale: Optional[float] = None
-    master_weights: Optional[bool] = None
-    backend: str = "auto"
+def _optimizer_kwargs(self) -> dict[str, Any]:
+    """The hyperparameters that were set, ready for ``create_optimizer``."""
+    return {
+        f.name: getattr(self, f.name)
+        for f in dataclasses.fields(self)
+        if f.name != "name" and getattr(self, f.name) is not None
+    }
 
-    def __post_init__(self) -> None:
-        options = registry.options(self.name)  # raises on an unknown name, with suggestions
-        kwargs = self.kwargs()
-        for key in kwargs:
-            if key not in options:
-                raise invalid(
-                    "optimizer", key, kwargs[key],
-                    f"{self.name} has no option {key!r}; its options are {', '.join(options)}",
-                )
-        if self.lr is not None:
-            positive("optimizer", "lr", self.lr)
-        # The optimizer's own checks, run once on a placeholder tensor, so that a bad value
-        # fails here, with the optimizer's message under this node's name, not after the model is built.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                registry.create_optimizer(self.name, [torch.zeros(1, requires_grad=True)], **kwargs)
-            except ConfigurationError as err:
-                raise node_error(err, "optimizer") from err
 
-    def kwargs(self) -> dict[str, Any]:
-        """The hyperparameters that were set, ready for ``create_optimizer``."""
-        return {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(self)
-            if f.name != "name" and getattr(self, f.name) is not None
-        }
+# Group options that are the partition's to set, not the optimizer node's (``partition.coupled``).
+_PARTITION_OPTIONS = ("coupled",)
+
+
+def _option_type(default: Any) -> Any:
+    if isinstance(default, bool):
+        return Optional[bool]
+    if isinstance(default, (tuple, list)):
+        return Optional[list[float]]
+    return Optional[float]
+
+
+def _optimizer_fields() -> list[tuple[str, Any, Any]]:
+    """The ``optimizer`` node's fields, generated from the rule table: ``name``, then every
+    option of every registry name (each once, in the order the registry first meets it) as
+    ``Optional`` with default None ("the rule's default"), then ``backend``."""
+    seen: dict[str, Any] = {}
+    for name in registry.optimizers():
+        for key, default in registry.options(name).items():
+            if key not in ("backend", *_PARTITION_OPTIONS):
+                seen.setdefault(key, default)
+    return [("name", str, dataclasses.field(default="adamw")),
+            *((key, _option_type(default), dataclasses.field(default=None)) for key, default in seen.items()),
+            ("backend", str, dataclasses.field(default="auto"))]
+
+
+# The ``optimizer`` node: a dataclass (Hydra's ConfigStore takes dataclasses) generated from
+# the rule table, so a new rule's options appear here without an edit.
+OptimizerConfig = dataclasses.make_dataclass(
+    "OptimizerConfig", _optimizer_fields(),
+    namespace={
+        "__doc__": """The ``optimizer`` node. Fields left ``None`` take the rule's default (see README).
+
+    Only the fields the named rule has may be set: ``momentum`` on ``adam`` is an error. The
+    fields are every registry name's options (:func:`lightning_optim.registry.options`, read
+    from the rule table), generated once at import.
+    """,
+        "__post_init__": _optimizer_post_init,
+        "kwargs": _optimizer_kwargs,
+    },
+)
+OptimizerConfig.__module__ = __name__  # (make_dataclass's ``module=`` needs Python 3.12)
 
 
 @dataclass
@@ -506,3 +521,15 @@ def accumulation_config(value: Any) -> AccumulationConfig:
     if isinstance(value, Mapping) and value and not ({"schedule", "by"} & set(map(str, value))):
         return AccumulationConfig(schedule=[[k, v] for k, v in value.items()])
     return _coerce("accumulation", AccumulationConfig, value, name_field=None)
+
+
+# The dataclass of each Hydra config group, the schema its YAML files extend (registered in
+# Hydra's ConfigStore by :mod:`lightning_optim.conf`, which imports this mapping).
+SCHEMAS: dict[str, type] = {
+    "optimizer": OptimizerConfig,
+    "scheduler": SchedulerConfig,
+    "clipping": ClippingConfig,
+    "accumulation": AccumulationConfig,
+    "partition": PartitionConfig,
+    "monitor": MonitorConfig,
+}

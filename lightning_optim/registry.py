@@ -1,6 +1,7 @@
 """The registry: optimizer names, as used by Hydra's ``optimizer=<name>`` and the tests.
 
-A name is a class plus preset hyperparameters (``momentum`` is SGD with momentum=0.9).
+A name is a class plus preset hyperparameters (``momentum`` is SGD with momentum=0.9), read
+from the rule table: each class's spec declares its names (:class:`lightning_optim.rules.RuleSpec`).
 :func:`create_optimizer` turns a name or a config mapping into an optimizer, splitting a
 module's parameters with :func:`~lightning_optim.partition.param_groups` when given one.
 """
@@ -8,14 +9,12 @@ module's parameters with :func:`~lightning_optim.partition.param_groups` when gi
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from torch import nn
 
-from .backends import TORCH_KEYWORDS
-from .optim import SGD, Adagrad, Adam, AdamW, CoupledAdam, Lion, NAdam, RAdam, RMSprop, Yogi
+from . import optim, rules  # noqa: F401  (importing optim registers every optimizer class)
 from .optim.base import Optimizer
 from .partition import param_groups
 from .validation import invalid, suggest
@@ -27,20 +26,10 @@ class Entry(NamedTuple):
     summary: str
 
 
+# Every name the optimizer classes declare in their rule specs (``spec.names``), in the order
+# the classes are defined (lightning_optim.optim imports them in this order).
 REGISTRY: dict[str, Entry] = {
-    "sgd": Entry(SGD, {}, "plain SGD"),
-    "momentum": Entry(SGD, {"momentum": 0.9}, "SGD with heavy-ball momentum 0.9"),
-    "nesterov": Entry(SGD, {"momentum": 0.9, "nesterov": True}, "SGD with Nesterov momentum 0.9"),
-    "adagrad": Entry(Adagrad, {}, "AdaGrad (Duchi et al. 2011)"),
-    "rmsprop": Entry(RMSprop, {}, "RMSProp (Hinton 2012)"),
-    "adam": Entry(Adam, {}, "Adam with L2 decay (Kingma & Ba 2015)"),
-    "amsgrad": Entry(Adam, {"amsgrad": True}, "Adam with the running-max second moment (Reddi et al. 2018)"),
-    "adamw": Entry(AdamW, {}, "Adam with decoupled weight decay (Loshchilov & Hutter 2019)"),
-    "nadam": Entry(NAdam, {}, "Adam with Nesterov momentum (Dozat 2016)"),
-    "radam": Entry(RAdam, {}, "Adam with a rectified adaptive rate (Liu et al. 2020)"),
-    "lion": Entry(Lion, {}, "sign of interpolated momentum (Chen et al. 2023)"),
-    "yogi": Entry(Yogi, {}, "Adam with an additive second moment (Zaheer et al. 2018)"),
-    "coupled_adam": Entry(CoupledAdam, {}, "AdamW with the embedding second moment shared across rows (Stollenwerk & Stollenwerk 2025)"),
+    name: Entry(cls, dict(preset.options), preset.summary) for name, (cls, preset) in rules.optimizers().items()
 }
 
 
@@ -50,14 +39,12 @@ def optimizers() -> list[str]:
 
 
 def options(name: str) -> dict[str, Any]:
-    """Every hyperparameter of ``name`` with its default (preset applied), ``backend`` included.
-    torch's ``foreach``/``fused``/``capturable``/``differentiable`` are not among them: the
+    """Every hyperparameter of ``name`` with its default (preset applied), ``backend`` included,
+    from the class's rule spec (:class:`lightning_optim.rules.RuleSpec`). torch's
+    ``foreach``/``fused``/``capturable``/``differentiable`` are not among them: the
     constructors take them for code written for torch; a config picks ``backend``."""
     entry = _entry(name)
-    sig = inspect.signature(entry.cls.__init__)
-    defaults = {k: p.default for k, p in sig.parameters.items()
-                if k not in ("self", "params", *TORCH_KEYWORDS)}
-    return {**defaults, **entry.preset}
+    return {**entry.cls.spec.options, **entry.preset}
 
 
 def create_optimizer(name_or_mapping: Any, params_or_module: Any, **overrides: Any) -> Optimizer:

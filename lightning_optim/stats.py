@@ -34,16 +34,19 @@ unnamed group):
                    whose step is driven by :math:`\epsilon`, not by the gradient.
 =================  ===========================================================================
 
-Which state is read. ``m``: ``exp_avg``; for SGD (a state with no second moment)
-``momentum_buffer``. RMSprop's ``momentum_buffer`` accumulates already-normalized updates, so
-it is not read as ``m``. ``v``: ``exp_avg_sq`` (Adam family), else ``square_avg`` (RMSprop),
-else ``sum`` (Adagrad). Bias correction divides by :math:`1 - \beta^t` when the group has
-``betas``, ``bias_correction`` is true (the default; torch groups have no such option) and the
-state has ``exp_avg_sq``: so Adam, AdamW, NAdam, RAdam, Yogi, CoupledAdam, not Lion (whose
-``m`` is an uncorrected interpolation), RMSprop, Adagrad or SGD. With ``amsgrad`` the stats
-describe the EMA ``exp_avg_sq``, not its running max. ``eps`` is the group's (1e-8 without).
-A stat the state does not support (no ``v`` for SGD, no state before the first step) is
-simply absent for that tensor.
+Which state is read: what the rule's spec in the rule table names as its first and second
+moments (:class:`lightning_optim.rules.RuleSpec`, declared next to each optimizer class;
+``torch.optim`` optimizers by the rule whose state layout their class keeps, ``torch_names``).
+``m``: ``exp_avg`` (Adam family, Lion), ``momentum_buffer`` (SGD); RMSprop's
+``momentum_buffer`` accumulates already-normalized updates, so RMSprop has no ``m``. ``v``:
+``exp_avg_sq`` (Adam family), ``square_avg`` (RMSprop), ``sum`` (Adagrad). Bias correction
+divides by :math:`1 - \beta^t` when the spec says its moments are bias-corrected EMAs, the
+group has ``betas`` and ``bias_correction`` is true (the default; torch groups have no such
+option): so Adam, AdamW, NAdam, RAdam, Yogi, CoupledAdam, not Lion (whose ``m`` is an
+uncorrected interpolation), RMSprop, Adagrad or SGD. With ``amsgrad`` the stats describe the
+EMA ``exp_avg_sq``, not its running max. ``eps`` is the group's (1e-8 without). A stat the
+state does not support (no ``v`` for SGD, no state before the first step, an optimizer whose
+rule is not in the table) is simply absent for that tensor.
 
 The step count is ``state["step"]``, a CPU float32 tensor in torch's format (or a device
 tensor with ``capturable``/``fused``). It is never read by the host: :math:`1 - \beta^t` is a
@@ -93,7 +96,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import sharding
+from . import rules, sharding
 from .validation import at_least, choice, invalid
 
 __all__ = ["STATS", "EMBEDDING_STATS", "MomentStats", "embedding_geometry"]
@@ -106,8 +109,6 @@ EMBEDDING_STATS: tuple[str, ...] = ("mean_norm", "mean_ratio", "isotropy")
 
 OWNER = "MomentStats"
 _CHUNK_ELEMENTS = 1 << 26  # temporaries per batched reduction: at most this many elements
-_M_KEYS = ("exp_avg",)
-_V_KEYS = ("exp_avg_sq", "square_avg", "sum")
 _V_STATS = ("sqrt_v_mean", "sqrt_v_max", "v_drift", "v_log_ratio", "dead_fraction")
 
 
@@ -167,22 +168,22 @@ class _Item:
     __slots__ = ("name", "param", "group", "m", "v", "whole_param", "whole_m", "whole_v",
                  "m_corrected", "v_corrected", "step", "eps", "scale", "c1", "c2")
 
-    def __init__(self, name: str, param: Tensor, group: dict, state: Mapping) -> None:
+    def __init__(self, name: str, param: Tensor, group: dict, state: Mapping, spec: rules.RuleSpec | None) -> None:
         self.name, self.group = name, group
-        v = next((t for t in (_tensor(state.get(k)) for k in _V_KEYS) if t is not None), None)
-        m = _tensor(state.get("exp_avg"))
-        if m is None and v is None:
-            m = _tensor(state.get("momentum_buffer"))  # SGD: the gradient's EMA
+        m = v = None
+        if spec is not None:
+            m = _tensor(state.get(spec.first_moment)) if spec.first_moment else None
+            v = _tensor(state.get(spec.second_moment)) if spec.second_moment else None
         # Reductions run on the local shards of sharded tensors; ``whole_*`` finish them.
         self.whole_param, self.whole_m, self.whole_v = param, m, v
         self.param = sharding.local(param)
         self.m = None if m is None else sharding.local(m)
         self.v = None if v is None else sharding.local(v)
-        has_adam_v = _tensor(state.get("exp_avg_sq")) is not None
-        corrected = has_adam_v and "betas" in group and bool(group.get("bias_correction", True))
+        corrected = spec is not None and spec.bias_corrected and "betas" in group
+        corrected = corrected and bool(group.get("bias_correction", True))
         step = state.get("step")
         corrected = corrected and step is not None
-        self.m_corrected = corrected and m is not None and m is state.get("exp_avg")
+        self.m_corrected = corrected and m is not None
         self.v_corrected = corrected and self.v is not None
         self.step = step
         self.eps = float(group.get("eps", 1e-8))
@@ -294,7 +295,15 @@ class MomentStats:
 
     def _items(self) -> list[_Item]:
         state = self.optimizer.state
-        return [_Item(n, p, g, state.get(p, {})) for n, p, g in self.tracked()]
+        return [_Item(n, p, g, state.get(p, {}), self._spec(g)) for n, p, g in self.tracked()]
+
+    def _spec(self, group: dict) -> rules.RuleSpec | None:
+        """The rule of ``group`` in the rule table: our optimizers say it; a ``torch.optim``
+        one is looked up by its class (:func:`lightning_optim.rules.for_torch`)."""
+        spec_for = getattr(self.optimizer, "spec_for", None)
+        if spec_for is not None:
+            return spec_for(group)
+        return rules.for_torch(type(self.optimizer).__name__)
 
     @staticmethod
     def _buckets(items: Iterable[Any], tensor: Any = lambda it: it.param) -> dict[tuple, list]:

@@ -12,6 +12,8 @@ import torch
 
 import lightning_optim as lo
 from lightning_optim import backends
+from lightning_optim.backends import Bucket
+from lightning_optim.optim import buckets
 from conftest import assert_rel, build_for_rule
 
 # Every registry name, plus the variants whose code paths differ.
@@ -141,7 +143,9 @@ def test_auto_resolves_to_foreach_on_cpu():
 def _same_buckets(fast: dict, general: dict) -> None:
     """Same (device, dtype) keys, and every list holds the very same tensors, in order."""
     assert list(fast) == list(general)
-    for (ps, gs, slots, steps, originals), (eps, egs, eslots, esteps, eoriginals) in zip(fast.values(), general.values()):
+    for fb, gb in zip(fast.values(), general.values()):
+        assert type(fb) is type(gb) is Bucket
+        (ps, gs, slots, steps, originals), (eps, egs, eslots, esteps, eoriginals) = fb, gb
         assert list(slots) == list(eslots)
         for got, expected in [(ps, eps), (gs, egs), (steps, esteps), (originals, eoriginals),
                               *((slots[k], eslots[k]) for k in eslots)]:
@@ -150,7 +154,7 @@ def _same_buckets(fast: dict, general: dict) -> None:
 
 def _gather(opt, group, on_device=False):
     keys = opt._state_keys(group)
-    return opt._uniform_bucket(group, keys, on_device), opt._buckets(group, keys, on_device)
+    return buckets.uniform(opt, group, keys, on_device), buckets.gather(opt, group, keys, on_device)
 
 
 GATHER_CASES = {
@@ -170,8 +174,8 @@ GATHER_CASES = {
 
 @pytest.mark.parametrize("case", list(GATHER_CASES))
 def test_common_case_gathers_the_general_bucket(case):
-    """``Optimizer._uniform_bucket`` (the C-level fast path of every step) either declines,
-    or returns exactly what the general per-param loop ``_buckets`` builds; declining cases
+    """``buckets.uniform`` (the C-level fast path of every step) either declines,
+    or returns exactly what the general per-param loop ``buckets.gather`` builds; declining cases
     are declined, and after the general path has fixed them up (state, masters) the fast
     path takes over."""
     name, options, dtypes, change, fast_taken = GATHER_CASES[case]
@@ -197,7 +201,7 @@ def test_common_case_gathers_the_general_bucket(case):
     if fast_taken:
         _same_buckets(fast, general)
         wants = options.get("master_weights", False) and dtypes[0] != torch.float32
-        assert ("master_param" in next(iter(fast.values()))[2]) == wants
+        assert ("master_param" in next(iter(fast.values())).state) == wants
     else:
         assert fast is None
         if change in ("clear a state", "masters on", "masters off"):

@@ -12,6 +12,7 @@ import pytest
 import torch
 import triton  # noqa: F401  (a missing Triton must fail this file, not skip it)
 from conftest import build_for_rule
+from lightning_optim import rules
 
 import lightning_optim as lo
 from lightning_optim.backends.triton import selfcheck
@@ -36,7 +37,7 @@ def configs(name: str, **options):
     as the backend tests build it (CoupledAdam: a coupled 2-D group and a plain one)."""
     params = [torch.zeros(3, 4, requires_grad=True), torch.zeros(5, requires_grad=True)]
     opt = build_for_rule(name, options, params, "reference")
-    return [(opt._rule(g), g, opt._init_state) for g in opt.param_groups]
+    return [(opt.spec_for(g), g, opt._init_state) for g in opt.param_groups]
 
 
 def counting(monkeypatch):
@@ -45,7 +46,7 @@ def counting(monkeypatch):
     real = selfcheck.launcher.run
 
     def run(*args, **kwargs):
-        calls.append(args)
+        calls.append((rules.get(args[0]).name, *args[1:]))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(selfcheck.launcher, "run", run)
@@ -77,7 +78,7 @@ def test_a_launcher_that_raises_gives_a_reason(monkeypatch):
     monkeypatch.setattr(selfcheck.launcher, "run", broken)
     (rule, group, init_state), = configs("adamw")
     reason = selfcheck.verify(rule, group, torch.float32, CPU, init_state)
-    assert reason is not None and "PTX assembly failed" in reason and rule in reason
+    assert reason is not None and "PTX assembly failed" in reason and rule.name in reason
     assert "RuntimeError" in reason and "\n" not in reason
     # Cached: the failure is not retried within the process.
     assert selfcheck.verify(rule, group, torch.float32, CPU, init_state) == reason
@@ -94,7 +95,7 @@ def test_a_launcher_that_computes_wrong_gives_a_reason(monkeypatch):
     monkeypatch.setattr(selfcheck.launcher, "run", off)
     (rule, group, init_state), = configs("adamw")
     reason = selfcheck.verify(rule, group, torch.float32, CPU, init_state)
-    assert reason is not None and "differs from the reference" in reason and rule in reason
+    assert reason is not None and "differs from the reference" in reason and rule.name in reason
 
 
 def test_a_wrong_state_gives_a_reason(monkeypatch):
@@ -194,7 +195,7 @@ def _counting_verify(monkeypatch, result=None):
     real = selfcheck.verify
 
     def verify(rule, group, dtype, device, init_state):
-        calls.append((rule, dtype))
+        calls.append((rules.get(rule).name, dtype))
         return real(rule, group, dtype, device, init_state) if result is None else result
 
     monkeypatch.setattr(selfcheck, "verify", verify)

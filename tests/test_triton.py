@@ -21,7 +21,7 @@ import torch
 import triton  # noqa: F401  (a missing Triton must fail this file, not skip it)
 
 import lightning_optim as lo
-from lightning_optim import backends
+from lightning_optim import backends, rules
 from lightning_optim.backends import reference
 from lightning_optim.backends import triton as tb
 from lightning_optim.backends.triton import launcher
@@ -311,9 +311,7 @@ def _host_factors(rule, h, t):
         return (1.0 if t == 1 else 1 - h["dampening"], -h["lr"], 0.0, 0.0)
     if rule == "adagrad":
         return (-h["lr"] / (1 + (t - 1) * h["lr_decay"]), 0.0, 0.0, 0.0)
-    if rule == "rmsprop":
-        return (-h["lr"], 0.0, 0.0, 0.0)
-    if rule == "lion":
+    if rule in ("rmsprop", "lion"):  # Prologue.LR
         return (-h["lr"], decay, 0.0, 0.0)
     if rule == "adam":
         return (*_adam_factors(h, t), decay, 0.0)
@@ -329,11 +327,14 @@ def test_step_prologue_factors_equal_the_host_factors(rule, lr_kind):
     rounded once, from the first step to counts beyond fp32's 2^24 (e.g. loaded); with lr
     a float or a 0-d tensor read on the device (an fp64 tensor: the host's value exactly)."""
     h = dict(lr=3e-4, weight_decay=0.1, betas=(0.9, 0.999), momentum_decay=4e-3, bias_correction=True,
-             dampening=0.1, lr_decay=0.01)
+             dampening=0.1, lr_decay=0.01, momentum=0.0, nesterov=False, eps=1e-8, amsgrad=False,
+             decoupled_weight_decay=False, alpha=0.99, centered=False)
     ts = torch.tensor([1.0, 2.0, 5.0, 6.0, 7.0, 10.0, 100.0, 12345.0, 1e6, 2.0**24, 2.0**25 + 4, 3e9]).tolist()
     state = {"mu_product": [torch.tensor(1.0) for _ in ts]}
     group = dict(h, lr=torch.tensor(h["lr"], dtype=torch.float64)) if lr_kind == "tensor" else h
-    got = launcher._device_factors(rule, group, state, [torch.tensor(t) for t in ts], None, torch.device("cpu"))
+    spec = rules.get(rule)
+    got = launcher._device_factors(spec, spec.launch(group), group, state, [torch.tensor(t) for t in ts], None,
+                                   torch.device("cpu"))
     if rule == "nadam":
         mus = [h["betas"][0] * (1 - 0.5 * 0.96 ** (t * h["momentum_decay"])) for t in ts]
         assert torch.equal(torch.stack(state["mu_product"]), torch.tensor(mus, dtype=torch.float32))
@@ -351,7 +352,7 @@ def test_step_prologue_compiles_for_cuda():
     fn = launcher.kernels(torch.device("cuda")).factors_kernel
     signature = {p.name: "*i64" if p.name == "table" else "*fp32" if p.name in ("factors", "found_inf", "lr_ptr")
                  else "i32" if p.name == "n" else "fp32" for p in fn.params if not p.is_constexpr}
-    for code in range(7):
+    for code in map(int, rules.Prologue):
         for lr_tensor, advance in ((False, True), (True, True), (False, False)):
             src = ASTSource(fn=fn, signature=signature,
                             constexprs=dict(W=4, BLOCK=launcher.PROLOGUE_BLOCK, RULE=code, BIAS=True, HAS_FOUND=True,

@@ -21,11 +21,15 @@ to ``foreach``, with a warning that says why, when a kernel fails to compile or 
 An explicit ``backend="triton"`` is trusted as asked.
 
 An optimizer resolves its ``backend`` argument once, at construction, with
-:func:`resolve`, and calls :func:`runner` for the function that updates a bucket:
-``run(rule, params, grads, state, steps, group)``. ``steps`` are the step counts after this
-step's increment: Python floats for ``reference`` and ``foreach`` (read from CPU step tensors),
-the float32 0-d device step tensors themselves for ``triton``, which reads them on the device
-(so its step needs no host sync and can be captured in a CUDA graph; see :mod:`.triton`).
+:func:`resolve`, and takes the :class:`~.protocol.Backend` of that name from :func:`get`:
+every backend is called the same way, ``backend.step(spec, bucket, group, ...)``, and
+declares what it can do (``device_steps``, ``fused_grad_transform``, ``proves_itself``;
+see :mod:`.protocol`), which the optimizers and the clipper read instead of its name. Under
+it each backend module has the low-level ``run(rule, params, grads, state, steps, group)``:
+``steps`` are the step counts after this step's increment, Python floats for ``reference``,
+``foreach`` and ``compiled`` (read from CPU step tensors), the float32 0-d device step tensors
+themselves for ``triton``, which counts and reads them on the device (so its step needs no
+host sync and can be captured in a CUDA graph; see :mod:`.triton`).
 
 torch's own keywords (:func:`from_torch_keywords`), so code written for ``torch.optim`` runs
 unchanged; they only choose the backend, and ``backend`` stays the one attribute that says
@@ -60,6 +64,10 @@ import torch
 from ..validation import ConfigurationError, ConflictingOptions, boolean, choice, invalid, optional_boolean
 from . import compiled, foreach, reference
 from . import triton as triton_backend
+from .protocol import Backend, Bucket
+
+__all__ = ["BACKENDS", "Backend", "Bucket", "get", "resolve", "confirm_auto", "from_torch_keywords",
+           "capturable_warning", "real_dtype", "runner", "TORCH_KEYWORDS"]
 
 BACKENDS = ("auto", "reference", "foreach", "triton", "compiled")
 
@@ -196,7 +204,55 @@ def capturable_warning(owner: str, resolved: str, params: Iterable[torch.Tensor]
             "graph. backend='triton' (or fused=True) keeps them on the device.")
 
 
+# The resolved backends and what each can do (see :mod:`.protocol`).
+_RESOLVED: dict[str, Backend] = {
+    "reference": Backend("reference", reference.run),
+    "foreach": Backend("foreach", foreach.run),
+    "triton": Backend("triton", triton_backend.run, device_steps=True, fused_grad_transform=True,
+                      proves_itself=True),
+    "compiled": Backend("compiled", compiled.run),
+}
+# Where an ``auto`` choice that failed its check on the device goes instead.
+FALLBACK = "foreach"
+
+
+def get(backend: str) -> Backend:
+    """The :class:`~.protocol.Backend` of a resolved backend name."""
+    return _RESOLVED[backend]
+
+
+def capabilities(optimizer: object) -> Backend | None:
+    """The backend an optimizer runs on (its ``backend`` attribute, resolved), or None for an
+    optimizer that has none (a ``torch.optim`` one)."""
+    name = getattr(optimizer, "backend", None)
+    return _RESOLVED.get(name) if isinstance(name, str) else None
+
+
 def runner(backend: str) -> Runner:
     """``run(rule, params, grads, state, steps, group)`` of a resolved backend."""
-    return {"reference": reference.run, "foreach": foreach.run, "triton": triton_backend.run,
-            "compiled": compiled.run}[backend]
+    return _RESOLVED[backend].run
+
+
+def confirm_auto(owner: str, backend: str, checks: Iterable[tuple[object, dict]],
+                 init_state: Callable) -> tuple[str, str] | None:
+    """Whether ``auto``'s choice of ``backend`` stands for these (rule spec, group) pairs.
+
+    None when the backend needs no proof or every group's kernel agrees with the reference
+    on the group's devices and dtypes (:func:`.triton.selfcheck.verify`, cached per
+    configuration and process); else ``(the backend to use instead, the warning to give)``.
+    ``init_state(p, group)``: the optimizer's fresh state for a param."""
+    if not _RESOLVED[backend].proves_itself:
+        return None
+    from .triton import selfcheck
+
+    for spec, group in checks:
+        for dtype, device in {(real_dtype(p.dtype), p.device) for p in group["params"]}:
+            reason = selfcheck.verify(spec, group, dtype, device, init_state)
+            if reason is not None:
+                return FALLBACK, (
+                    f"{owner}: backend='auto' chose the fused Triton kernels, but their check against the "
+                    f"reference failed on this machine: {reason}. Using backend={FALLBACK!r} instead (same "
+                    f"results, slower). Please report this with your GPU, driver and Triton versions; "
+                    f"backend={FALLBACK!r} silences this warning."
+                )
+    return None

@@ -52,6 +52,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .. import rules
 from ..validation import LightningOptimWarning
 from . import foreach
 
@@ -263,10 +264,10 @@ RULES: dict[str, tuple[Callable, Callable]] = {
 }
 
 
-def flags(rule: str, h: dict) -> tuple[tuple[str, bool], ...]:
+def flags(rule: rules.RuleSpec | str, h: dict) -> tuple[tuple[str, bool], ...]:
     """The structural options of a group: what a graph is specialised on (floats are not)."""
     f = {"maximize": bool(h.get("maximize", False)), "wd": h.get("weight_decay", 0) != 0,
-         "decoupled": bool(h.get("decoupled_weight_decay", False)), "coupled": rule == "coupled_adam",
+         "decoupled": bool(h.get("decoupled_weight_decay", False)), "coupled": rules.get(rule).row_coupled,
          "amsgrad": bool(h.get("amsgrad", False)), "nesterov": bool(h.get("nesterov", False)),
          "momentum": h.get("momentum", 0) != 0, "centered": bool(h.get("centered", False))}
     return tuple(sorted(f.items()))
@@ -278,15 +279,17 @@ def flags(rule: str, h: dict) -> tuple[tuple[str, bool], ...]:
 def _bucket_step(P, G, slots, masters, rows, C, *, rule, keys, config):
     """Update every tensor of a bucket: the body each compiled graph traces. ``slots`` are
     the state lists in ``keys`` order, ``masters`` the fp32 master copies (or None), ``rows``
-    Coupled Adam's finished rows (or None), ``C`` the coefficients, one row per tensor."""
+    Coupled Adam's finished rows (or None), ``C`` the coefficients, one row per tensor;
+    ``rule``: the rule's name."""
     fn = RULES[rule][0]
     f = dict(config)
+    coupled = f["coupled"]
     for i in range(len(P)):
         p = P[i]
         w = masters[i] if masters is not None else (p if p.dtype in (torch.float32, torch.float64) else p.float())
         g = G[i].to(w.dtype)
         s = {k: slots[j][i] for j, k in enumerate(keys)}
-        if rule == "coupled_adam":
+        if coupled:
             new_w, new = fn(w, g, s, C[i], f, None if rows is None else rows[i])
         else:
             new_w, new = fn(w, g, s, C[i], f)
@@ -303,6 +306,7 @@ def _bucket_step(P, G, slots, masters, rows, C, *, rule, keys, config):
 _GRAPHS: dict[tuple, Callable] = {}
 _compile: Callable = torch.compile
 _failed: str | None = None  # why compiling failed in this process; then every step is foreach's
+_uncompiled: set[str] = set()  # rules without a pure function here, warned about once
 
 
 def _graph_for(key: tuple) -> Callable:
@@ -315,9 +319,9 @@ def _graph_for(key: tuple) -> Callable:
     return fn
 
 
-def _coefficients(rule: str, state: dict, steps, h: dict) -> list[list[float]]:
-    coefficients = RULES[rule][1]
-    if rule != "nadam":
+def _coefficients(spec: rules.RuleSpec, state: dict, steps, h: dict) -> list[list[float]]:
+    coefficients = RULES[spec.name][1]
+    if not spec.scalar_state:
         rows: dict[float, list[float]] = {}  # usually one step count for the whole bucket
         return [rows[t] if t in rows else rows.setdefault(t, coefficients(h, t)) for t in steps]
     # NAdam's mu_product is a float32 scalar per param (torch's state format), multiplied and
@@ -338,22 +342,35 @@ def _fall_back(reason: str) -> None:
     )
 
 
-def run(rule: str, params, grads, state, steps, group, row_mean=None) -> None:
+def run(rule: rules.RuleSpec | str, params, grads, state, steps, group, row_mean=None) -> None:
     """Apply ``rule`` to one (device, dtype) bucket in one compiled graph (see the module
     docstring). The signature and the meaning of every argument are :mod:`.foreach`'s:
     ``steps`` are Python floats, ``state["master_param"]`` the optional fp32 masters,
-    ``row_mean(i, local_row_sum)`` Coupled Adam's hook for row-sharded params."""
+    ``row_mean(i, local_row_sum)`` Coupled Adam's hook for row-sharded params.
+
+    A rule without a pure function here runs on :mod:`.foreach` (the same update), with one
+    warning per rule and process."""
+    spec = rules.get(rule)
+    if spec.name not in RULES:
+        if spec.name not in _uncompiled:
+            _uncompiled.add(spec.name)
+            warnings.warn(f"backend='compiled' has no compiled form of the {spec.name} rule: it runs on "
+                          "backend='foreach' (the same update, in several passes over memory).",
+                          LightningOptimWarning, stacklevel=4)
+        foreach.run(spec, params, grads, state, steps, group, row_mean=row_mean)
+        return
+    rule = spec.name
     if _failed is not None or not params:
-        foreach.run(rule, params, grads, state, steps, group, row_mean=row_mean)
+        foreach.run(spec, params, grads, state, steps, group, row_mean=row_mean)
         return
     masters = state.get("master_param")
-    keys = tuple(k for k in state if k not in ("master_param", "mu_product"))
+    keys = tuple(k for k in state if k != "master_param" and k not in spec.scalar_state)
     work_dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
     device = params[0].device
-    config = flags(rule, group)
+    config = flags(spec, group)
     # Computed before any state changes, so a failed compile can hand the bucket to foreach.
     finished = None
-    if rule == "coupled_adam" and row_mean is not None:
+    if spec.row_coupled and row_mean is not None:
         finished = [row_mean(i, g.to(work_dtype).square().sum(0, keepdim=True)) for i, g in enumerate(grads)]
     key = (rule, config, keys, masters is not None, finished is not None, device, params[0].dtype,
            tuple(p.shape for p in params))
@@ -362,10 +379,10 @@ def run(rule: str, params, grads, state, steps, group, row_mean=None) -> None:
         graph = _graph_for(key)
     except Exception as error:  # torch.compile itself refused (an unsupported Python or torch)
         _fall_back(f"{type(error).__name__}: {error}")
-        foreach.run(rule, params, grads, state, steps, group, row_mean=row_mean)
+        foreach.run(spec, params, grads, state, steps, group, row_mean=row_mean)
         return
-    before = [x.clone() for x in state["mu_product"]] if first and rule == "nadam" else None
-    rows = _coefficients(rule, state, steps, group)
+    before = [x.clone() for k in spec.scalar_state for x in state[k]] if first else None
+    rows = _coefficients(spec, state, steps, group)
     if all(r is rows[0] for r in rows):  # one step count: one row, repeated in C++
         C = torch.tensor(rows[0], dtype=work_dtype).repeat(len(rows), 1)
     else:
@@ -381,8 +398,8 @@ def run(rule: str, params, grads, state, steps, group, row_mean=None) -> None:
         # Compilation happens on the first call, before the graph touches a tensor: the
         # bucket is as it was, but NAdam's products were already advanced on the host.
         if before is not None:
-            for x, b in zip(state["mu_product"], before):
+            for x, b in zip((x for k in spec.scalar_state for x in state[k]), before):
                 x.copy_(b)
         _GRAPHS.pop(key, None)
         _fall_back(f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}")
-        foreach.run(rule, params, grads, state, steps, group, row_mean=row_mean)
+        foreach.run(spec, params, grads, state, steps, group, row_mean=row_mean)

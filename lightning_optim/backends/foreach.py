@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .. import rules
+
 Tensors = list[Tensor]
 ForeachRule = Callable[[Tensors, Tensors, dict[str, Tensors], list[float], dict, bool], None]
 
@@ -268,17 +270,18 @@ RULES: dict[str, ForeachRule] = {
 }
 
 
-def run(rule: str, params, grads, state, steps, group, row_mean=None) -> None:
+def run(rule: rules.RuleSpec | str, params, grads, state, steps, group, row_mean=None) -> None:
     """Apply ``rule`` to one (device, dtype) bucket with multi-tensor ops.
 
     Low-precision buckets are upcast to fp32 lists once, updated, and copied back once,
     which keeps the math fp32 and lets the rule modify the grad copies in place. With
     master weights (``state["master_param"]``) the masters are the fp32 lists, updated in
     place, and the params are copied from them (one rounding); the rule never sees them.
-    ``row_mean`` is the reference's: it finishes ``coupled_adam``'s mean over dim 0.
+    ``row_mean`` is the reference's: it finishes a ``row_coupled`` rule's mean over dim 0.
     """
-    fn = RULES[rule]
-    extra = {"row_mean": row_mean} if rule == "coupled_adam" and row_mean is not None else {}
+    spec = rules.get(rule)
+    fn = RULES[spec.name]
+    extra = {"row_mean": row_mean} if spec.row_coupled and row_mean is not None else {}
     masters = state.get("master_param")
     if masters is not None:
         state = {k: v for k, v in state.items() if k != "master_param"}

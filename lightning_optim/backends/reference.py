@@ -25,6 +25,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .. import rules
+
 Rule = Callable[[Tensor, Tensor, dict[str, Tensor], float, dict], None]
 # Finishes the coupled second moment's mean over dim 0 from the sum over the rows held here:
 # ``row_mean(local_row_sum) -> mean`` (see :mod:`lightning_optim.sharding`).
@@ -239,7 +241,7 @@ RULES: dict[str, Rule] = {
 }
 
 
-def run(rule: str, params, grads, state, steps, group, row_mean: BucketRowMean | None = None) -> None:
+def run(rule: rules.RuleSpec | str, params, grads, state, steps, group, row_mean: BucketRowMean | None = None) -> None:
     """Apply ``rule`` to one (device, dtype) bucket, one tensor at a time.
 
     Low-precision params are updated in an fp32 copy and rounded back once, so the math
@@ -247,10 +249,13 @@ def run(rule: str, params, grads, state, steps, group, row_mean: BucketRowMean |
     master weights (``state["master_param"]``: fp32 copies of bf16/fp16 params) the rule
     updates the master itself instead of a fresh copy, and the param becomes its rounding;
     the master is not a rule state, so the rule never sees it.
-    ``row_mean(i, local_row_sum)``, for ``coupled_adam`` only, finishes the mean over dim 0
-    of tensor ``i``; None means all its rows are here.
+    ``row_mean(i, local_row_sum)``, for a ``row_coupled`` rule (Coupled Adam) only, finishes
+    the mean over dim 0 of tensor ``i``; None means all its rows are here. ``rule``: the
+    rule's :class:`~lightning_optim.rules.RuleSpec` or name.
     """
-    fn = RULES[rule]
+    spec = rules.get(rule)
+    fn = RULES[spec.name]
+    hook = row_mean if spec.row_coupled else None
     masters = state.get("master_param")
     if masters is not None:
         state = {k: v for k, v in state.items() if k != "master_param"}
@@ -261,8 +266,8 @@ def run(rule: str, params, grads, state, steps, group, row_mean: BucketRowMean |
             work = p if p.dtype in (torch.float32, torch.float64) else p.float()
         g = grads[i].to(work.dtype)
         s = {k: v[i] for k, v in state.items()}
-        if rule == "coupled_adam" and row_mean is not None:
-            fn(work, g, s, steps[i], group, row_mean=lambda row, i=i: row_mean(i, row))
+        if hook is not None:
+            fn(work, g, s, steps[i], group, row_mean=lambda row, i=i: hook(i, row))
         else:
             fn(work, g, s, steps[i], group)
         if work is not p:

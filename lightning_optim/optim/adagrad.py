@@ -5,7 +5,27 @@ from __future__ import annotations
 from typing import Any
 
 from ..validation import at_least
+from ..rules import Launch, Preset, Prologue, RuleSpec, register
 from .base import Optimizer, zeros
+
+
+def _launch(h):
+    wd = float(h.get("weight_decay", 0.0))
+    return Launch("adagrad_kernel", ("sum",), dict(wd=wd, eps=float(h["eps"])), dict(WD=wd != 0),
+                  Prologue.ADAGRAD, (wd, 0.0, 0.0, float(h["lr_decay"])))
+
+
+SPEC = register(RuleSpec(
+    name="adagrad",
+    options=dict(lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0, eps=1e-10,
+                 maximize=False, master_weights=False, backend="auto"),
+    state_keys=lambda h: ("sum",),
+    first_moment=None, second_moment="sum", bias_corrected=False,  # a running sum, not an EMA
+    bytes_per_element=lambda h, e: 8,  # p rw, g r: 3E; + sum rw
+    launch=_launch,
+    torch_names=("Adagrad",),
+    names={"adagrad": Preset({}, "AdaGrad (Duchi et al. 2011)")},
+))
 
 
 class Adagrad(Optimizer):
@@ -28,7 +48,7 @@ class Adagrad(Optimizer):
     State: ``sum`` and ``step``.
     """
 
-    rule = "adagrad"
+    spec = SPEC
 
     def __init__(
         self,
@@ -60,9 +80,6 @@ class Adagrad(Optimizer):
         h["lr_decay"] = at_least(owner, "lr_decay", h["lr_decay"])
         h["initial_accumulator_value"] = at_least(owner, "initial_accumulator_value", h["initial_accumulator_value"])
         return h
-
-    def _state_keys(self, group):
-        return ("sum",)
 
     def _init_state(self, p, group):
         return {"sum": zeros(p, group["initial_accumulator_value"])}

@@ -6,7 +6,40 @@ from typing import Any
 
 from ..validation import betas as check_betas
 from ..validation import boolean
+from dataclasses import replace
+
+from ..rules import Launch, Preset, Prologue, RuleSpec, register
 from .base import Optimizer
+
+
+def _launch(h):
+    wd, amsgrad = float(h.get("weight_decay", 0.0)), bool(h["amsgrad"])
+    beta1, beta2 = (float(b) for b in h["betas"])
+    return Launch("adam_kernel", ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ()),
+                  dict(wd=wd, beta1=beta1, beta2=beta2, eps=float(h["eps"]), coupling_scale=1.0),
+                  dict(WD=wd != 0, DECOUPLED=bool(h["decoupled_weight_decay"]), AMSGRAD=amsgrad, COUPLED=False,
+                       YOGI=False),
+                  Prologue.ADAM, (wd, beta1, beta2, 0.0), bias=bool(h.get("bias_correction", True)))
+
+
+SPEC = register(RuleSpec(
+    name="adam",
+    options=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
+                 decoupled_weight_decay=False, bias_correction=True, master_weights=False, backend="auto"),
+    state_keys=lambda h: ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if h["amsgrad"] else ("exp_avg", "exp_avg_sq"),
+    # With amsgrad the statistics describe the EMA, not its running max.
+    first_moment="exp_avg", second_moment="exp_avg_sq", bias_corrected=True,
+    # p rw, g r: 3E; + exp_avg rw, exp_avg_sq rw, + max_exp_avg_sq rw (amsgrad).
+    bytes_per_element=lambda h, e: 16 + 8 * bool(h.get("amsgrad")),
+    launch=_launch,
+    torch_names=("Adam", "AdamW"),
+    names={"adam": Preset({}, "Adam with L2 decay (Kingma & Ba 2015)"),
+           "amsgrad": Preset({"amsgrad": True}, "Adam with the running-max second moment (Reddi et al. 2018)")},
+))
+# AdamW: the same rule, its own options (decoupled decay always, a weight decay by default).
+ADAMW = replace(SPEC, options=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
+                                   maximize=False, bias_correction=True, master_weights=False, backend="auto"),
+                names={"adamw": Preset({}, "Adam with decoupled weight decay (Loshchilov & Hutter 2019)")})
 
 
 class Adam(Optimizer):
@@ -40,7 +73,7 @@ class Adam(Optimizer):
     keys and shapes, so state dicts move between this class and ``torch.optim.Adam``.
     """
 
-    rule = "adam"
+    spec = SPEC
 
     def __init__(
         self,
@@ -76,9 +109,6 @@ class Adam(Optimizer):
             boolean(owner, flag, h[flag])
         return h
 
-    def _state_keys(self, group):
-        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
-
 
 class AdamW(Adam):
     r"""AdamW, as ``torch.optim.AdamW``, plus ``bias_correction``: Adam with decoupled decay.
@@ -92,6 +122,8 @@ class AdamW(Adam):
     shrinks weights by the same factor whatever the gradient scale, which L2 through
     Adam's denominator does not. Registry name: ``adamw``.
     """
+
+    spec = ADAMW
 
     def __init__(
         self,

@@ -4,10 +4,40 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..validation import ConfigurationError, boolean, positive
-from .adam import AdamW
 from .. import sharding
+from ..rules import Launch, Preset, Prologue, RuleSpec, register
+from ..validation import ConfigurationError, boolean, positive
+from .adam import ADAMW, AdamW
 from .base import Optimizer, state_dtype
+
+
+def _launch(h):
+    wd, amsgrad = float(h.get("weight_decay", 0.0)), bool(h["amsgrad"])
+    beta1, beta2 = (float(b) for b in h["betas"])
+    # The row pre-pass updates the (1, H) rows (exp_avg_sq, and its running max with amsgrad);
+    # the elementwise kernel divides by the last of them, its slot 3.
+    return Launch("adam_kernel", ("exp_avg", "max_exp_avg_sq" if amsgrad else "exp_avg_sq"),
+                  dict(wd=wd, beta1=beta1, beta2=beta2, eps=float(h["eps"]), coupling_scale=float(h["coupling_scale"])),
+                  dict(WD=wd != 0, DECOUPLED=bool(h["decoupled_weight_decay"]), AMSGRAD=False, COUPLED=True,
+                       YOGI=False),
+                  Prologue.ADAM, (wd, beta1, beta2, 0.0), bias=bool(h.get("bias_correction", True)),
+                  rows=("exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg_sq",))
+
+
+# The rule of coupled groups; the others run AdamW's (``CoupledAdam.spec_for``).
+SPEC = register(RuleSpec(
+    name="coupled_adam",
+    options=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, maximize=False,
+                 bias_correction=True, coupled=False, coupling_scale=1.0, master_weights=False, backend="auto"),
+    state_keys=ADAMW.state_keys,
+    # exp_avg_sq is the shared (1, H) row; the statistics broadcast it over the rows.
+    first_moment="exp_avg", second_moment="exp_avg_sq", bias_corrected=True,
+    # The row pass reads g (E); then p rw, g r (3E) and exp_avg rw: the rows are per tensor.
+    bytes_per_element=lambda h, e: e + 8,
+    launch=_launch,
+    row_coupled=True,
+    names={"coupled_adam": Preset({}, "AdamW with the embedding second moment shared across rows (Stollenwerk & Stollenwerk 2025)")},
+))
 
 
 class CoupledAdam(AdamW):
@@ -67,6 +97,7 @@ class CoupledAdam(AdamW):
     ``max_exp_avg_sq`` (amsgrad), ``step``.
     """
 
+    spec = SPEC
     couples = True
     structural = ("coupled",)
 
@@ -133,8 +164,9 @@ class CoupledAdam(AdamW):
                 "are AdamW, which takes complex parameters)."
             )
 
-    def _rule(self, group):
-        return "coupled_adam" if group["coupled"] else "adam"
+    @classmethod
+    def spec_for(cls, group):
+        return cls.spec if group.get("coupled", False) else ADAMW
 
     def _init_state(self, p, group):
         state = super()._init_state(p, group)

@@ -5,7 +5,28 @@ from __future__ import annotations
 from typing import Any
 
 from ..validation import betas as check_betas
+from ..rules import Launch, Preset, Prologue, RuleSpec, register
 from .base import Optimizer
+
+
+def _launch(h):
+    wd = float(h.get("weight_decay", 0.0))
+    beta1, beta2 = (float(b) for b in h["betas"])
+    return Launch("lion_kernel", ("exp_avg",), dict(beta1=beta1, beta2=beta2), dict(WD=wd != 0),
+                  Prologue.LR, (wd, 0.0, 0.0, 0.0))
+
+
+SPEC = register(RuleSpec(
+    name="lion",
+    options=dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False, master_weights=False,
+                 backend="auto"),
+    state_keys=lambda h: ("exp_avg",),
+    # m is the gradient's EMA (beta2), never bias-corrected: the step is its sign.
+    first_moment="exp_avg", second_moment=None, bias_corrected=False,
+    bytes_per_element=lambda h, e: 8,  # p rw, g r: 3E; + exp_avg rw
+    launch=_launch,
+    names={"lion": Preset({}, "sign of interpolated momentum (Chen et al. 2023)")},
+))
 
 
 class Lion(Optimizer):
@@ -30,7 +51,7 @@ class Lion(Optimizer):
     State: ``exp_avg``, ``step``.
     """
 
-    rule = "lion"
+    spec = SPEC
 
     def __init__(
         self,
@@ -57,6 +78,3 @@ class Lion(Optimizer):
         h = super()._validate(h, owner)
         h["betas"] = check_betas(owner, h["betas"])
         return h
-
-    def _state_keys(self, group):
-        return ("exp_avg",)

@@ -6,7 +6,30 @@ from typing import Any
 
 from ..validation import at_least, boolean
 from ..validation import betas as check_betas
+from ..rules import Launch, Preset, Prologue, RuleSpec, register
 from .base import Optimizer, scalar, zeros
+
+
+def _launch(h):
+    wd = float(h.get("weight_decay", 0.0))
+    beta1, beta2 = (float(b) for b in h["betas"])
+    return Launch("nadam_kernel", ("exp_avg", "exp_avg_sq"), dict(wd=wd, beta1=beta1, beta2=beta2, eps=float(h["eps"])),
+                  dict(WD=wd != 0, DECOUPLED=bool(h["decoupled_weight_decay"]), RADAM=False),
+                  Prologue.NADAM, (wd, beta1, beta2, 0.96 ** float(h["momentum_decay"])))
+
+
+SPEC = register(RuleSpec(
+    name="nadam",
+    options=dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, momentum_decay=4e-3,
+                 decoupled_weight_decay=False, maximize=False, master_weights=False, backend="auto"),
+    state_keys=lambda h: ("exp_avg", "exp_avg_sq", "mu_product"),
+    first_moment="exp_avg", second_moment="exp_avg_sq", bias_corrected=True,
+    bytes_per_element=lambda h, e: 16,  # p rw, g r: 3E; + exp_avg rw, exp_avg_sq rw
+    launch=_launch,
+    scalar_state=("mu_product",),
+    torch_names=("NAdam",),
+    names={"nadam": Preset({}, "Adam with Nesterov momentum (Dozat 2016)")},
+))
 
 
 class NAdam(Optimizer):
@@ -34,7 +57,7 @@ class NAdam(Optimizer):
     or on the param's device with ``backend="triton"``, which updates it there), ``step``.
     """
 
-    rule = "nadam"
+    spec = SPEC
 
     def __init__(
         self,
@@ -67,9 +90,6 @@ class NAdam(Optimizer):
         h["momentum_decay"] = at_least(owner, "momentum_decay", h["momentum_decay"])
         boolean(owner, "decoupled_weight_decay", h["decoupled_weight_decay"])
         return h
-
-    def _state_keys(self, group):
-        return ("exp_avg", "exp_avg_sq", "mu_product")
 
     def _init_state(self, p, group):
         return {"exp_avg": zeros(p), "exp_avg_sq": zeros(p), "mu_product": scalar(1.0)}

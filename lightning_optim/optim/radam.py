@@ -6,7 +6,29 @@ from typing import Any
 
 from ..validation import boolean
 from ..validation import betas as check_betas
+from ..rules import Launch, Preset, Prologue, RuleSpec, register
 from .base import Optimizer
+
+
+def _launch(h):
+    wd = float(h.get("weight_decay", 0.0))
+    beta1, beta2 = (float(b) for b in h["betas"])
+    return Launch("nadam_kernel", ("exp_avg", "exp_avg_sq"), dict(wd=wd, beta1=beta1, beta2=beta2, eps=float(h["eps"])),
+                  dict(WD=wd != 0, DECOUPLED=bool(h["decoupled_weight_decay"]), RADAM=True),
+                  Prologue.RADAM, (wd, beta1, beta2, 0.0))
+
+
+SPEC = register(RuleSpec(
+    name="radam",
+    options=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False,
+                 maximize=False, master_weights=False, backend="auto"),
+    state_keys=lambda h: ("exp_avg", "exp_avg_sq"),
+    first_moment="exp_avg", second_moment="exp_avg_sq", bias_corrected=True,
+    bytes_per_element=lambda h, e: 16,  # p rw, g r: 3E; + exp_avg rw, exp_avg_sq rw
+    launch=_launch,
+    torch_names=("RAdam",),
+    names={"radam": Preset({}, "Adam with a rectified adaptive rate (Liu et al. 2020)")},
+))
 
 
 class RAdam(Optimizer):
@@ -33,7 +55,7 @@ class RAdam(Optimizer):
     State: ``exp_avg``, ``exp_avg_sq``, ``step``.
     """
 
-    rule = "radam"
+    spec = SPEC
 
     def __init__(
         self,
@@ -64,6 +86,3 @@ class RAdam(Optimizer):
         h["betas"] = check_betas(owner, h["betas"])
         boolean(owner, "decoupled_weight_decay", h["decoupled_weight_decay"])
         return h
-
-    def _state_keys(self, group):
-        return ("exp_avg", "exp_avg_sq")

@@ -5,7 +5,36 @@ from __future__ import annotations
 from typing import Any
 
 from ..validation import at_least, boolean
+from ..rules import Launch, Preset, Prologue, RuleSpec, register
 from .base import Optimizer
+
+
+def _state_keys(h):
+    return ("square_avg",) + (("momentum_buffer",) if h["momentum"] > 0 else ()) + (("grad_avg",) if h["centered"] else ())
+
+
+def _launch(h):
+    wd, centered, momentum = float(h.get("weight_decay", 0.0)), bool(h["centered"]), h["momentum"] > 0
+    # The kernel's slots: square_avg, grad_avg (centered), momentum_buffer (momentum).
+    slots = ("square_avg",) + (("grad_avg",) if centered else ()) + (("momentum_buffer",) if momentum else ())
+    return Launch("rmsprop_kernel", slots,
+                  dict(wd=wd, alpha=float(h["alpha"]), eps=float(h["eps"]), mom=float(h["momentum"])),
+                  dict(WD=wd != 0, CENTERED=centered, MOMENTUM=momentum), Prologue.LR, (wd, 0.0, 0.0, 0.0))
+
+
+SPEC = register(RuleSpec(
+    name="rmsprop",
+    options=dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, maximize=False,
+                 master_weights=False, backend="auto"),
+    state_keys=_state_keys,
+    # The momentum buffer accumulates already-normalized updates: not the gradient's EMA.
+    first_moment=None, second_moment="square_avg", bias_corrected=False,
+    # p rw, g r: 3E; + square_avg rw, + grad_avg rw (centered), + momentum_buffer rw (momentum).
+    bytes_per_element=lambda h, e: 8 + 8 * bool(h.get("centered")) + 8 * (h.get("momentum", 0) > 0),
+    launch=_launch,
+    torch_names=("RMSprop",),
+    names={"rmsprop": Preset({}, "RMSProp (Hinton 2012)")},
+))
 
 
 class RMSprop(Optimizer):
@@ -32,7 +61,7 @@ class RMSprop(Optimizer):
     State: ``square_avg``, ``momentum_buffer`` (momentum > 0), ``grad_avg`` (centered), ``step``.
     """
 
-    rule = "rmsprop"
+    spec = SPEC
 
     def __init__(
         self,
@@ -68,11 +97,3 @@ class RMSprop(Optimizer):
             h[field] = at_least(owner, field, h[field])
         boolean(owner, "centered", h["centered"])
         return h
-
-    def _state_keys(self, group):
-        keys = ("square_avg",)
-        if group["momentum"] > 0:
-            keys += ("momentum_buffer",)
-        if group["centered"]:
-            keys += ("grad_avg",)
-        return keys

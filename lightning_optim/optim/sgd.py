@@ -5,7 +5,32 @@ from __future__ import annotations
 from typing import Any
 
 from ..validation import at_least, boolean, finite, invalid
+from ..rules import Launch, Preset, Prologue, RuleSpec, register
 from .base import Optimizer
+
+
+def _launch(h):
+    wd, mu = float(h.get("weight_decay", 0.0)), float(h["momentum"])
+    return Launch("sgd_kernel", ("momentum_buffer",) if mu != 0 else (), dict(wd=wd, mu=mu),
+                  dict(WD=wd != 0, MOMENTUM=mu != 0, NESTEROV=bool(h["nesterov"])),
+                  Prologue.SGD, (wd, 0.0, 0.0, 1.0 - float(h["dampening"])))
+
+
+SPEC = register(RuleSpec(
+    name="sgd",
+    options=dict(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
+                 master_weights=False, backend="auto"),
+    state_keys=lambda h: ("momentum_buffer",) if h["momentum"] != 0 else (),
+    # The momentum buffer is the gradient's (dampened) EMA; plain SGD keeps no moment.
+    first_moment="momentum_buffer", second_moment=None, bias_corrected=False,
+    # p rw, g r: 3E; + momentum_buffer rw.
+    bytes_per_element=lambda h, e: 8 if h.get("momentum", 0) != 0 else 0,
+    launch=_launch,
+    torch_names=("SGD",),
+    names={"sgd": Preset({}, "plain SGD"),
+           "momentum": Preset({"momentum": 0.9}, "SGD with heavy-ball momentum 0.9"),
+           "nesterov": Preset({"momentum": 0.9, "nesterov": True}, "SGD with Nesterov momentum 0.9")},
+))
 
 
 class SGD(Optimizer):
@@ -31,7 +56,7 @@ class SGD(Optimizer):
     State: ``momentum_buffer`` (when momentum != 0) and ``step``.
     """
 
-    rule = "sgd"
+    spec = SPEC
 
     def __init__(
         self,
@@ -70,6 +95,3 @@ class SGD(Optimizer):
                 f"dampening={h['dampening']!r})",
             )
         return h
-
-    def _state_keys(self, group):
-        return ("momentum_buffer",) if group["momentum"] != 0 else ()

@@ -6,7 +6,29 @@ from typing import Any
 
 from ..validation import at_least
 from ..validation import betas as check_betas
+from ..rules import Launch, Preset, Prologue, RuleSpec, register
 from .base import Optimizer, zeros
+
+
+def _launch(h):
+    wd = float(h.get("weight_decay", 0.0))
+    beta1, beta2 = (float(b) for b in h["betas"])
+    return Launch("adam_kernel", ("exp_avg", "exp_avg_sq"),
+                  dict(wd=wd, beta1=beta1, beta2=beta2, eps=float(h["eps"]), coupling_scale=1.0),
+                  dict(WD=wd != 0, DECOUPLED=True, AMSGRAD=False, COUPLED=False, YOGI=True),
+                  Prologue.ADAM, (wd, beta1, beta2, 0.0), bias=True)
+
+
+SPEC = register(RuleSpec(
+    name="yogi",
+    options=dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-3, initial_accumulator_value=1e-6, weight_decay=0.0,
+                 maximize=False, master_weights=False, backend="auto"),
+    state_keys=lambda h: ("exp_avg", "exp_avg_sq"),
+    first_moment="exp_avg", second_moment="exp_avg_sq", bias_corrected=True,
+    bytes_per_element=lambda h, e: 16,  # p rw, g r: 3E; + exp_avg rw, exp_avg_sq rw
+    launch=_launch,
+    names={"yogi": Preset({}, "Adam with an additive second moment (Zaheer et al. 2018)")},
+))
 
 
 class Yogi(Optimizer):
@@ -35,7 +57,7 @@ class Yogi(Optimizer):
     State: ``exp_avg``, ``exp_avg_sq``, ``step``.
     """
 
-    rule = "yogi"
+    spec = SPEC
 
     def __init__(
         self,
@@ -66,9 +88,6 @@ class Yogi(Optimizer):
         h["betas"] = check_betas(owner, h["betas"])
         h["initial_accumulator_value"] = at_least(owner, "initial_accumulator_value", h["initial_accumulator_value"])
         return h
-
-    def _state_keys(self, group):
-        return ("exp_avg", "exp_avg_sq")
 
     def _init_state(self, p, group):
         return {"exp_avg": zeros(p), "exp_avg_sq": zeros(p, group["initial_accumulator_value"])}

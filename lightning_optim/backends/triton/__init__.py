@@ -148,6 +148,8 @@ import os
 
 import torch
 
+from ... import rules
+
 __all__ = ["available", "why_unavailable", "interpreter_enabled", "run", "bytes_per_param"]
 
 
@@ -187,18 +189,9 @@ def run(rule, params, grads, state, steps, group, row_mean=None, *, grad_scale=N
                  found_inf=found_inf, clip_value=clip_value, advance=advance)
 
 
-def bytes_per_param(rule: str, group: dict, dtype: torch.dtype, *, master: bool = False) -> int:
-    """The bytes one step of ``rule`` must move per parameter element (table above)."""
+def bytes_per_param(rule, group: dict, dtype: torch.dtype, *, master: bool = False) -> int:
+    """The bytes one step of ``rule`` (its :class:`~lightning_optim.rules.RuleSpec` or name)
+    must move per parameter element (table above): the param read and written and the
+    gradient read, ``3E``, plus what the rule's spec declares for its state."""
     e = torch.empty((), dtype=dtype).element_size()
-    extra = {
-        "sgd": 8 if group.get("momentum", 0) != 0 else 0,
-        "adagrad": 8,
-        "rmsprop": 8 + 8 * bool(group.get("centered")) + 8 * (group.get("momentum", 0) > 0),
-        "adam": 16 + 8 * bool(group.get("amsgrad")),
-        "coupled_adam": e + 8,
-        "nadam": 16,
-        "radam": 16,
-        "lion": 8,
-        "yogi": 16,
-    }[rule]
-    return 3 * e + extra + ((8 - e) if master and e < 4 else 0)
+    return 3 * e + rules.get(rule).bytes_per_element(group, e) + ((8 - e) if master and e < 4 else 0)

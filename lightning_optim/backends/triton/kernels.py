@@ -27,6 +27,8 @@ The numbered comments are the numbered steps of :mod:`lightning_optim.backends.r
 import triton
 import triton.language as tl
 
+from lightning_optim.rules import Prologue
+
 # Storage kinds of params and grads (state is always fp32).
 FP32: tl.constexpr = tl.constexpr(0)
 BF16: tl.constexpr = tl.constexpr(1)
@@ -475,14 +477,15 @@ def lion_kernel(table, blocks, factors, grad_scale, found_inf, beta1, beta2, cli
 
 # ----- the step prologue: lr- and step-dependent factors, on the device -----------------------
 
-# RULE of factors_kernel: which factors to compute.
-P_SGD: tl.constexpr = tl.constexpr(0)
-P_ADAGRAD: tl.constexpr = tl.constexpr(1)
-P_ADAM: tl.constexpr = tl.constexpr(2)
-P_NADAM: tl.constexpr = tl.constexpr(3)
-P_RADAM: tl.constexpr = tl.constexpr(4)
-P_RMSPROP: tl.constexpr = tl.constexpr(5)
-P_LION: tl.constexpr = tl.constexpr(6)
+# RULE of factors_kernel: which factors to compute. The codes are defined once, in
+# lightning_optim.rules.Prologue, which the rules' specs hand the launcher; Triton reads
+# globals only as constexprs, hence these bindings.
+P_LR: tl.constexpr = tl.constexpr(int(Prologue.LR))
+P_SGD: tl.constexpr = tl.constexpr(int(Prologue.SGD))
+P_ADAGRAD: tl.constexpr = tl.constexpr(int(Prologue.ADAGRAD))
+P_ADAM: tl.constexpr = tl.constexpr(int(Prologue.ADAM))
+P_NADAM: tl.constexpr = tl.constexpr(int(Prologue.NADAM))
+P_RADAM: tl.constexpr = tl.constexpr(int(Prologue.RADAM))
 
 
 @triton.jit
@@ -523,6 +526,7 @@ def factors_kernel(table, factors, found_inf, lr_ptr, n, lr_hi, lr_lo, wd_hi, wd
     captured graph follows it), else the argument pair ``lr_hi + lr_lo``. NAdam also
     multiplies ``mu_product`` (slot 1) by ``mu_t`` here, once per tensor and step, unless
     ``found_inf`` is set. ``c``: SGD's 1 - dampening, AdaGrad's lr_decay, NAdam's 0.96^psi.
+    RULE: a :class:`lightning_optim.rules.Prologue` code (what each writes is listed there).
     """
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = i < n
@@ -554,12 +558,11 @@ def factors_kernel(table, factors, found_inf, lr_ptr, n, lr_hi, lr_lo, wd_hi, wd
         f1 = -lr
     elif RULE == P_ADAGRAD:
         f0 = -lr / (1.0 + (t - 1.0) * c)
-    elif RULE == P_RMSPROP:
-        f0 = -lr
-    elif RULE == P_LION:
+    elif RULE == P_LR:
         f0 = -lr
         f1 = decay
     else:
+        # P_ADAM, P_NADAM, P_RADAM: the bias corrections.
         beta1 = _f64(b1_hi, b1_lo)
         beta2 = _f64(b2_hi, b2_lo)
         bc1 = 1.0 - _powi(beta1, e)
@@ -590,7 +593,7 @@ def factors_kernel(table, factors, found_inf, lr_ptr, n, lr_hi, lr_lo, wd_hi, wd
             f1 = -lr * mu_next / (1.0 - pr * mu_next)
             f2 = bc2
             f3 = decay
-        else:
+        elif RULE == P_RADAM:
             # RAdam: rho_t (Liu et al. 2020, eq. 5); rectified while rho_t > 5.
             rho_inf = 2.0 / (1.0 - beta2) - 1.0
             rho = rho_inf - 2.0 * t * pow2 / bc2

@@ -19,6 +19,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from ... import rules
+from ...rules import Launch, RuleSpec
 from ...validation import invalid
 from .table import TableCache
 
@@ -161,45 +163,9 @@ def _all_plain(params: Sequence[Tensor], grads: Sequence[Tensor], states: list[l
 
 
 # ----- per-rule host work: factors, slots, arguments ----------------------------------------
-
-
-def _plan(rule: str, h: dict):
-    """(kernel name, state slot keys, runtime floats, switches) of ``rule``. The floats are
-    the lr-free hyperparameters: everything with lr or t in it is a factor of
-    :func:`_prologue`."""
-    wd = float(h.get("weight_decay", 0.0))
-    if rule == "sgd":
-        mu = float(h["momentum"])
-        return ("sgd_kernel", ["momentum_buffer"] if mu != 0 else [],
-                dict(wd=wd, mu=mu), dict(WD=wd != 0, MOMENTUM=mu != 0, NESTEROV=bool(h["nesterov"])))
-    if rule == "adagrad":
-        return ("adagrad_kernel", ["sum"], dict(wd=wd, eps=float(h["eps"])), dict(WD=wd != 0))
-    if rule == "rmsprop":
-        keys = ["square_avg"] + (["grad_avg"] if h["centered"] else []) + (["momentum_buffer"] if h["momentum"] > 0 else [])
-        return ("rmsprop_kernel", keys,
-                dict(wd=wd, alpha=float(h["alpha"]), eps=float(h["eps"]), mom=float(h["momentum"])),
-                dict(WD=wd != 0, CENTERED=bool(h["centered"]), MOMENTUM=h["momentum"] > 0))
-    beta1, beta2 = (float(b) for b in h["betas"])
-    if rule in ("adam", "coupled_adam", "yogi"):
-        coupled = rule == "coupled_adam"
-        amsgrad = bool(h.get("amsgrad", False))
-        if coupled:
-            keys = ["exp_avg", "max_exp_avg_sq" if amsgrad else "exp_avg_sq"]
-        else:
-            keys = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
-        decoupled = rule == "yogi" or bool(h["decoupled_weight_decay"])
-        return ("adam_kernel", keys,
-                dict(wd=wd, beta1=beta1, beta2=beta2, eps=float(h["eps"]),
-                     coupling_scale=float(h.get("coupling_scale", 1.0))),
-                dict(WD=wd != 0, DECOUPLED=decoupled, AMSGRAD=amsgrad and not coupled, COUPLED=coupled,
-                     YOGI=rule == "yogi"))
-    if rule in ("nadam", "radam"):
-        return ("nadam_kernel", ["exp_avg", "exp_avg_sq"],
-                dict(wd=wd, beta1=beta1, beta2=beta2, eps=float(h["eps"])),
-                dict(WD=wd != 0, DECOUPLED=bool(h["decoupled_weight_decay"]), RADAM=rule == "radam"))
-    if rule == "lion":
-        return ("lion_kernel", ["exp_avg"], dict(beta1=beta1, beta2=beta2), dict(WD=wd != 0))
-    raise invalid("backend 'triton'", "rule", rule, "must be one of the reference rules")
+# Everything rule-specific comes from the rule's spec (:mod:`lightning_optim.rules`):
+# ``spec.launch(group)`` names the kernel, its state slots, its runtime floats and switches,
+# and the prologue's code and arguments.
 
 
 # Tensors per program of the step prologue (a power of two).
@@ -213,28 +179,6 @@ def _split(x: float) -> tuple[float, float]:
     fp32, lo the rest, so hi + lo in fp64 is x to ~2^-48 relative."""
     hi = struct.unpack("f", struct.pack("f", x))[0]
     return hi, x - hi
-
-
-def _prologue(rule: str, h: dict) -> tuple[int, tuple[float, float, float, float], bool]:
-    """(RULE, (wd, beta1, beta2, c), BIAS) of :func:`kernels.factors_kernel` for ``rule``
-    (lr is passed on its own: a float or a device tensor)."""
-    wd = float(h.get("weight_decay", 0.0))
-    if rule == "sgd":
-        return 0, (wd, 0.0, 0.0, 1.0 - float(h["dampening"])), False
-    if rule == "adagrad":
-        return 1, (wd, 0.0, 0.0, float(h["lr_decay"])), False
-    if rule == "rmsprop":
-        return 5, (wd, 0.0, 0.0, 0.0), False
-    if rule == "lion":
-        return 6, (wd, 0.0, 0.0, 0.0), False
-    beta1, beta2 = (float(b) for b in h["betas"])
-    if rule in ("adam", "coupled_adam", "yogi"):
-        return 2, (wd, beta1, beta2, 0.0), bool(h.get("bias_correction", True))
-    if rule == "nadam":
-        return 3, (wd, beta1, beta2, 0.96 ** float(h["momentum_decay"])), False
-    if rule == "radam":
-        return 4, (wd, beta1, beta2, 0.0), False
-    raise invalid("backend 'triton'", "rule", rule, "must be one of the reference rules")
 
 
 def _lr(lr: float | Tensor, device: torch.device) -> tuple[Tensor | None, float]:
@@ -266,26 +210,27 @@ def _check_device_scalars(key: str, tensors: Sequence[Tensor], device: torch.dev
                           f"device {key} tensors must be float32 0-d tensors on the params' device ({device})")
 
 
-def _device_factors(rule: str, h: dict, state: dict[str, list[Tensor]], steps: Sequence[Tensor],
-                    found_inf: Tensor | None, device: torch.device, advance: bool = False) -> Tensor:
+def _device_factors(spec: RuleSpec, plan: Launch, h: dict, state: dict[str, list[Tensor]],
+                    steps: Sequence[Tensor], found_inf: Tensor | None, device: torch.device,
+                    advance: bool = False) -> Tensor:
     """The per-tensor factors of a bucket: one launch of the step prologue, reading each
-    ``t`` (and NAdam's ``mu_product``) through a cached table of their addresses and lr
-    from its tensor or argument, writing an fp32 ``(n, 4)`` device array. ``advance``: the
-    prologue counts this step first (``t += 1 - found_inf``, in place)."""
+    ``t`` (and the rule's scalar state, NAdam's ``mu_product``) through a cached table of
+    their addresses and lr from its tensor or argument, writing an fp32 ``(n, 4)`` device
+    array. ``advance``: the prologue counts this step first (``t += 1 - found_inf``, in place)."""
     _check_device_scalars("step", steps, device)
-    code, values, bias = _prologue(rule, h)
     lr_tensor, lr = _lr(h["lr"], device)
-    products = list(state["mu_product"]) if rule == "nadam" else None
-    if products is not None:
-        _check_device_scalars("mu_product", products, device)
+    scalars = [list(state[k]) for k in spec.scalar_state]
+    for key, values in zip(spec.scalar_state, scalars):
+        _check_device_scalars(key, values, device)
     n = len(steps)
-    tab = TABLES.get([list(steps)] + ([products] if products is not None else []), None, BLOCK["cpu"])
+    tab = TABLES.get([list(steps)] + scalars, None, BLOCK["cpu"])
     out = torch.empty((n, 4), dtype=torch.float32, device=device)
-    args = [a for v in (lr, *values) for a in _split(v)]
+    args = [a for v in (lr, *plan.prologue_args) for a in _split(v)]
     dummy = _dummy(device)
     kernels(device).factors_kernel[(_cdiv(n, PROLOGUE_BLOCK),)](
         tab.table, out, dummy if found_inf is None else found_inf, dummy if lr_tensor is None else lr_tensor,
-        n, *args, W=tab.width, BLOCK=PROLOGUE_BLOCK, RULE=code, BIAS=bias, HAS_FOUND=found_inf is not None,
+        n, *args, W=tab.width, BLOCK=PROLOGUE_BLOCK, RULE=int(plan.prologue), BIAS=plan.bias,
+        HAS_FOUND=found_inf is not None,
         # Unfused, as the host's float64 formulas (explicit: Triton's default is changing).
         LR_TENSOR=lr_tensor is not None, ADVANCE=advance, num_warps=1, enable_fp_fusion=False,
     )
@@ -296,8 +241,9 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _coupled_rows(grads: Sequence[Tensor], state: dict[str, list[Tensor]], h: dict, row_mean: RowMean | None,
-                  grad_scale: Tensor | None, found_inf: Tensor | None, clip_value: float | None) -> None:
+def _coupled_rows(plan: Launch, grads: Sequence[Tensor], state: dict[str, list[Tensor]], h: dict,
+                  row_mean: RowMean | None, grad_scale: Tensor | None, found_inf: Tensor | None,
+                  clip_value: float | None) -> None:
     """Coupled Adam's step 2 (and 3) on the (1, H) rows, before the elementwise kernel.
 
     Per coupled tensor: the sum over dim 0 of g^2 in fp32 (one read of g: ``vector_norm``
@@ -308,7 +254,7 @@ def _coupled_rows(grads: Sequence[Tensor], state: dict[str, list[Tensor]], h: di
     a copy of g here.
     """
     beta2 = float(h["betas"][1])
-    amsgrad = bool(h["amsgrad"])
+    amsgrad = len(plan.rows) == 2  # the EMA row and its running maximum
     for i, g in enumerate(grads):
         scale = grad_scale
         if clip_value is not None:
@@ -322,7 +268,7 @@ def _coupled_rows(grads: Sequence[Tensor], state: dict[str, list[Tensor]], h: di
         if row_mean is not None:
             row_sum, rows = row_mean(i, row_sum), 1
         # The rows are (1, H) fp32 state: contiguous unless set by hand (then a work copy).
-        rows_state = [state["exp_avg_sq"][i]] + ([state["max_exp_avg_sq"][i]] if amsgrad else [])
+        rows_state = [state[k][i] for k in plan.rows]
         work = [x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
                 for x in (row_sum, *rows_state)]
         H = work[1].numel()
@@ -342,11 +288,12 @@ def _coupled_rows(grads: Sequence[Tensor], state: dict[str, list[Tensor]], h: di
 # ----- the entry points -----------------------------------------------------------------------
 
 
-def run(rule: str, params: Sequence[Tensor], grads: Sequence[Tensor], state: dict[str, list[Tensor]],
+def run(rule: RuleSpec | str, params: Sequence[Tensor], grads: Sequence[Tensor], state: dict[str, list[Tensor]],
         steps: Sequence[Tensor] | Sequence[float], group: dict, row_mean: RowMean | None = None, *,
         grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
         clip_value: float | None = None, advance: bool = False) -> None:
-    """Apply ``rule`` to one (device, dtype) bucket in one kernel launch (see the package doc).
+    """Apply ``rule`` (its :class:`~lightning_optim.rules.RuleSpec` or name) to one (device,
+    dtype) bucket in one kernel launch (see the package doc).
 
     ``steps``: this step's counts, as device step tensors or as floats, as the other
     backends take them (put on the device here). ``advance=True`` (what ``Optimizer.step``
@@ -365,18 +312,20 @@ def run(rule: str, params: Sequence[Tensor], grads: Sequence[Tensor], state: dic
         if advance:
             raise invalid(owner, "steps", "floats with advance=True", "only device step tensors can be advanced")
         steps = [torch.tensor(float(t), dtype=torch.float32, device=device) for t in steps]
-    kernel_name, keys, floats, switches = _plan(rule, group)
+    spec = rules.get(rule)
+    plan = spec.launch(group)
+    keys = plan.slots
     master = state.get("master_param")
     if master is not None and kind == _KIND[torch.float32]:
         raise invalid(owner, "master_param", "fp32 params", "master weights are for bfloat16/float16 params only")
-    coupled = rule == "coupled_adam"
+    coupled = spec.row_coupled
     if coupled:
         # Before the layout copies, so a copied row already holds the new second moment.
-        _coupled_rows(grads, state, group, row_mean, grad_scale, found_inf, clip_value)
+        _coupled_rows(plan, grads, state, group, row_mean, grad_scale, found_inf, clip_value)
     # lr- and step-dependent factors come from the step prologue, on the device (before the
     # elementwise kernel on the same stream; also for a bucket of empty tensors: NAdam's
     # mu_product advances for every tensor that got a gradient, as in the reference).
-    factors = _device_factors(rule, group, state, steps, found_inf, device, advance)
+    factors = _device_factors(spec, plan, group, state, steps, found_inf, device, advance)
     slot_lists = [list(state[k]) for k in keys] + ([list(master)] if master is not None else [])
     ps, gs, ss, back = _layouts(params, grads, slot_lists, coupled)
     block = BLOCK["cpu" if device.type == "cpu" else "cuda"]
@@ -384,17 +333,17 @@ def run(rule: str, params: Sequence[Tensor], grads: Sequence[Tensor], state: dic
     tab = TABLES.get([ps, gs, *ss], rowlens, block)
     if tab.nblocks:
         dummy = _dummy(device)
-        kernel = getattr(kernels(device), kernel_name)
+        kernel = getattr(kernels(device), plan.kernel)
         kernel[(tab.nblocks,)](
             tab.table, tab.blocks,
             factors,
             dummy if grad_scale is None else grad_scale,
             dummy if found_inf is None else found_inf,
-            **floats, clip=float(clip_value or 0.0),
+            **plan.floats, clip=float(clip_value or 0.0),
             W=tab.width, BLOCK=block, KIND=kind, GKIND=_KIND[gs[0].dtype], ALIGNED=tab.aligned,
             HAS_SCALE=grad_scale is not None, HAS_FOUND=found_inf is not None,
             HAS_CLIP=clip_value is not None, MASTER=master is not None, MSLOT=len(keys) + 2,
-            MAXIMIZE=bool(group.get("maximize", False)), **switches,
+            MAXIMIZE=bool(group.get("maximize", False)), **plan.switches,
             num_warps=NUM_WARPS, enable_fp_fusion=True,
         )
     for original, copy in back:

@@ -35,6 +35,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ... import rules
 from .. import reference
 from . import launcher
 
@@ -72,7 +73,7 @@ def clear_cache() -> None:
     _RESULTS.clear()
 
 
-def verify(rule: str, group: dict, dtype: torch.dtype, device: torch.device,
+def verify(rule: rules.RuleSpec | str, group: dict, dtype: torch.dtype, device: torch.device,
            init_state: InitState) -> str | None:
     """None when the fused kernel of ``rule`` agrees with the reference for the options of
     ``group``, ``dtype`` params on ``device``; else a one-line reason. Cached per process.
@@ -84,25 +85,27 @@ def verify(rule: str, group: dict, dtype: torch.dtype, device: torch.device,
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    key = (rule, dtype, str(device), options_key(group))
+    spec = rules.get(rule)
+    key = (spec.name, dtype, str(device), options_key(group))
     if key not in _RESULTS:
-        _RESULTS[key] = _check(rule, group, dtype, device, init_state)
+        _RESULTS[key] = _check(spec, group, dtype, device, init_state)
     return _RESULTS[key]
 
 
-def _shapes(rule: str, device: torch.device) -> list[tuple[int, ...]]:
+def _shapes(spec: rules.RuleSpec, device: torch.device) -> list[tuple[int, ...]]:
     # One tensor past one block, with a ragged tail (61 and 13 are prime), so a launch has
     # several programs and a masked last block: 2 programs on CPU, where the interpreter
     # takes ~20 ms per program.
     block = launcher.BLOCK["cpu" if device.type == "cpu" else "cuda"]
-    if rule == "coupled_adam":
+    if spec.row_coupled:
         # 2-D: the rows share the H = 13 second moment, read at offset % H across blocks.
         return [(7, 13), (block // 13 + 2, 13)]
     return [(7, 13), (block + 61,)]
 
 
-def _check(rule: str, group: dict, dtype: torch.dtype, device: torch.device,
+def _check(spec: rules.RuleSpec, group: dict, dtype: torch.dtype, device: torch.device,
            init_state: InitState) -> str | None:
+    rule = spec.name  # (in the messages)
     h = {k: v for k, v in group.items() if k not in ("params", "param_names")}
     ref_h = h
     if isinstance(h.get("lr"), Tensor):
@@ -113,7 +116,7 @@ def _check(rule: str, group: dict, dtype: torch.dtype, device: torch.device,
         ref_h = {**h, "lr": float(lr)}
     master = bool(h.get("master_weights", False)) and dtype in _LOW_PRECISION
     gen = torch.Generator().manual_seed(_SEED)
-    shapes = _shapes(rule, device)
+    shapes = _shapes(spec, device)
     params = [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in shapes]
     grads = [[torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in shapes] for _ in range(2)]
     fresh = [init_state(p, ref_h) for p in params]
@@ -131,7 +134,7 @@ def _check(rule: str, group: dict, dtype: torch.dtype, device: torch.device,
     steps = [torch.zeros((), dtype=torch.float32, device=device) for _ in params]
     try:
         for gs in grads:
-            launcher.run(rule, params, gs, state, steps, h, advance=True)
+            launcher.run(spec, params, gs, state, steps, h, advance=True)
         if device.type == "cuda":
             # Launches are asynchronous: a fault in the kernel surfaces at the next sync.
             torch.cuda.synchronize(device)
@@ -143,7 +146,7 @@ def _check(rule: str, group: dict, dtype: torch.dtype, device: torch.device,
     if counts != [2.0] * len(params):
         return f"the triton {rule} step prologue left the step counts at {counts} after two steps for {where}"
     for t, gs in zip((1.0, 2.0), ref_grads):
-        reference.run(rule, ref_params, gs, ref_state, [t] * len(ref_params), ref_h)
+        reference.run(spec, ref_params, gs, ref_state, [t] * len(ref_params), ref_h)
 
     for i, (a, b) in enumerate(zip(params, ref_params)):
         why = _compare(a.cpu(), b, low_precision=dtype in _LOW_PRECISION)
