@@ -37,6 +37,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..extras import require
+
 __all__ = [
     "BLOCK_SIZE",
     "find_run_file",
@@ -210,9 +212,12 @@ def read_history(path: str | Path) -> list[dict[str, Any]]:
     "values": [...]}``, see :func:`is_histogram`); a logged nested dict as a nested dict.
 
     Raises ``FileNotFoundError`` when there is no run file and ``ValueError`` when the file is
-    not a W&B record log or is corrupt, both naming the path.
+    not a W&B record log or is corrupt, both naming the path; needs wandb (the ``wandb``
+    extra), else :class:`~lightning_optim.extras.MissingExtraError`.
     """
     file = find_run_file(path)
+    # the record types are wandb's own protobuf messages (protobuf comes with wandb)
+    require("wandb", extra="wandb", feature="reading a W&B run")
     from google.protobuf.message import DecodeError
 
     from wandb.proto import wandb_internal_pb2 as pb
