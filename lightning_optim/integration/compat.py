@@ -20,16 +20,19 @@ Not counted as private here:
 - Attributes our own code defines and sets, such as the ``_lightning_optim_*`` markers on the
   functions we install, or one module of ours reading another's underscore helper.
 
-Nothing here imports Lightning at module level: ``clipping.py`` imports this module for
-torch's grouping helper, and ``import lightning_optim`` must not load Lightning. The two
-base classes that override private Lightning methods are built on first use.
+Nothing here imports Lightning at module level, nor anything of ``lightning_optim``: the
+plain-PyTorch modules (``clipping.py``) import this leaf module for torch's helpers, and
+``import lightning_optim`` must not load Lightning. The base classes that override a private
+method (of ``ModelCheckpoint``, Lightning's CSV writer, torch's ``DataLoader``) are built on
+first use and cached, so each is one class.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
