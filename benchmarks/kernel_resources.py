@@ -67,8 +67,10 @@ def compile_for_sm90(name: str, switches: dict, kind: int, **constexprs) -> dict
     fn = getattr(launcher.kernels(torch.device("cuda")), name)
     signature = {p.name: ("*i64" if p.name == "table" else "*i32" if p.name == "blocks" else "*fp32") if i < 5
                  else "fp32" for i, p in enumerate(fn.params) if not p.is_constexpr}
+    # ASTSource takes every constexpr: the ones a launch plan leaves out get the kernel's default.
+    defaults = {p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}
     src = ASTSource(fn=fn, signature=signature,
-                    constexprs={**COMMON, **switches, "KIND": kind, "GKIND": kind, **constexprs})
+                    constexprs={**defaults, **COMMON, **switches, "KIND": kind, "GKIND": kind, **constexprs})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": True}).asm
 
 

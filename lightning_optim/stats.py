@@ -42,8 +42,8 @@ moments (:class:`lightning_optim.rules.RuleSpec`, declared next to each optimize
 ``exp_avg_sq`` (Adam family), ``square_avg`` (RMSprop), ``sum`` (Adagrad). Bias correction
 divides by :math:`1 - \beta^t` when the spec says its moments are bias-corrected EMAs, the
 group has ``betas`` and ``bias_correction`` is true (the default; torch groups have no such
-option): so Adam, AdamW, NAdam, RAdam, Yogi, CoupledAdam, not Lion (whose ``m`` is an
-uncorrected interpolation), RMSprop, Adagrad or SGD. With ``amsgrad`` the stats describe the
+option): so the Adam family (Adam's bias-corrected EMAs, and the rules built on them), not
+Lion (whose ``m`` is an uncorrected interpolation), RMSprop, Adagrad or SGD. With ``amsgrad`` the stats describe the
 EMA ``exp_avg_sq``, not its running max. ``eps`` is the group's (1e-8 without). A stat the
 state does not support (no ``v`` for SGD, no state before the first step, an optimizer whose
 rule is not in the table) is simply absent for that tensor.

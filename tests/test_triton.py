@@ -652,18 +652,12 @@ def test_kernels_compile_for_cuda(kernel_resources):
     from triton.compiler import ASTSource
 
     every_hook = dict(HAS_CLIP=True, MASTER=True, MAXIMIZE=True)
-    switches = {
-        "sgd_kernel": dict(MOMENTUM=True, NESTEROV=True),
-        "adagrad_kernel": {},
-        "rmsprop_kernel": dict(CENTERED=True, MOMENTUM=True),
-        "adam_kernel": dict(DECOUPLED=False, AMSGRAD=True, COUPLED=False, YOGI=False),
-        "nadam_kernel": dict(DECOUPLED=True, RADAM=False),
-        "lion_kernel": {},
-    }
-    for name, extra in switches.items():
+    # Every (kernel, switches) the rule table's launch plans use (switches a plan leaves out
+    # take the kernel's default), each with every hook on.
+    for label, (name, extra) in kernel_resources.KERNELS.items():
         asm = kernel_resources.compile_for_sm90(name, extra, 1, **every_hook)
-        assert "ld.global.v4" in asm["ptx"], name
-        assert kernel_resources.resources(asm["cubin"])["LOCAL"] == 0, name
+        assert "ld.global.v4" in asm["ptx"], label
+        assert kernel_resources.resources(asm["cubin"])["LOCAL"] == 0, label
     compiled = launcher.kernels(torch.device("cuda"))
     src = ASTSource(fn=compiled.coupled_row_kernel,
                     signature=dict.fromkeys(["row_sum", "v", "vmax", "grad_scale", "found_inf"], "*fp32")

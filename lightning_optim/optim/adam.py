@@ -17,8 +17,7 @@ def _launch(h):
     beta1, beta2 = (float(b) for b in h["betas"])
     return Launch("adam_kernel", ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ()),
                   dict(wd=wd, beta1=beta1, beta2=beta2, eps=float(h["eps"]), coupling_scale=1.0),
-                  dict(WD=wd != 0, DECOUPLED=bool(h["decoupled_weight_decay"]), AMSGRAD=amsgrad, COUPLED=False,
-                       YOGI=False),
+                  dict(WD=wd != 0, DECOUPLED=bool(h["decoupled_weight_decay"]), AMSGRAD=amsgrad),
                   Prologue.ADAM, (wd, beta1, beta2, 0.0), bias=bool(h.get("bias_correction", True)))
 
 

@@ -82,8 +82,8 @@ class Optimizer(StateDictMixin, torch.optim.Optimizer):
     Complex parameters (complex64, complex128) are updated as their real views
     (``torch.view_as_real``: the (re, im) pairs as a trailing dim of 2), on every backend,
     with complex state like the param's, as torch does for SGD, Adagrad, RMSprop, Adam(W),
-    NAdam and RAdam, so state dicts move between the two; Lion and Yogi follow the same
-    convention. The view is taken once, when the step gathers its buckets (a complex64 param
+    NAdam and RAdam, so state dicts move between the two; the rules torch does not have
+    follow the same convention. The view is taken once, when the step gathers its buckets (a complex64 param
     joins the float32 bucket), so every backend stays a real-valued rule. Refused, with a
     ValueError naming the parameter: complex32, and a complex tensor in a coupled group of
     CoupledAdam. Against torch: 1e-6 relative, as torch does a few ops (all of SGD's, the L2

@@ -18,8 +18,7 @@ def _launch(h):
     # the elementwise kernel divides by the last of them, its slot 3.
     return Launch("adam_kernel", ("exp_avg", "max_exp_avg_sq" if amsgrad else "exp_avg_sq"),
                   dict(wd=wd, beta1=beta1, beta2=beta2, eps=float(h["eps"]), coupling_scale=float(h["coupling_scale"])),
-                  dict(WD=wd != 0, DECOUPLED=bool(h["decoupled_weight_decay"]), AMSGRAD=False, COUPLED=True,
-                       YOGI=False),
+                  dict(WD=wd != 0, DECOUPLED=bool(h["decoupled_weight_decay"]), COUPLED=True),
                   Prologue.ADAM, (wd, beta1, beta2, 0.0), bias=bool(h.get("bias_correction", True)),
                   rows=("exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg_sq",))
 

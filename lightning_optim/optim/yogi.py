@@ -15,7 +15,7 @@ def _launch(h):
     beta1, beta2 = (float(b) for b in h["betas"])
     return Launch("adam_kernel", ("exp_avg", "exp_avg_sq"),
                   dict(wd=wd, beta1=beta1, beta2=beta2, eps=float(h["eps"]), coupling_scale=1.0),
-                  dict(WD=wd != 0, DECOUPLED=True, AMSGRAD=False, COUPLED=False, YOGI=True),
+                  dict(WD=wd != 0, DECOUPLED=True, YOGI=True),
                   Prologue.ADAM, (wd, beta1, beta2, 0.0), bias=True)
 
 

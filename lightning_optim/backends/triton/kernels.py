@@ -365,9 +365,10 @@ def adam_kernel(table, blocks, factors, grad_scale, found_inf, wd, beta1, beta2,
                 W: tl.constexpr, BLOCK: tl.constexpr, KIND: tl.constexpr, GKIND: tl.constexpr,
                 ALIGNED: tl.constexpr, HAS_SCALE: tl.constexpr,
                 HAS_FOUND: tl.constexpr, HAS_CLIP: tl.constexpr, MASTER: tl.constexpr, MSLOT: tl.constexpr,
-                MAXIMIZE: tl.constexpr, WD: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
-                COUPLED: tl.constexpr, YOGI: tl.constexpr):
+                MAXIMIZE: tl.constexpr, WD: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr = False,
+                COUPLED: tl.constexpr = False, YOGI: tl.constexpr = False):
     # f0 = -lr / bc1, f1 = 1 / sqrt(bc2) (no correction: -lr and 1), f2 = 1 - lr * wd.
+    # The variants' switches default to off: a rule's launch plan names only its own.
     ti, row, n, start, offs = _locate(table, blocks, W, BLOCK)
     f0, f1, f2, f3, scale, n = _scalars(factors, ti, n, grad_scale, found_inf, HAS_SCALE, HAS_FOUND)
     rowlen = tl.load(row + 1)
