@@ -61,8 +61,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from .integration.compat import group_tensors_by_device_and_dtype as _group_tensors_by_device_and_dtype
-from .integration.compat import has_foreach_support as _has_foreach_support
+from .compat import group_tensors_by_device_and_dtype as _group_tensors_by_device_and_dtype
+from .compat import has_foreach_support as _has_foreach_support
 
 from . import backends, sharding
 from .validation import boolean, choice, invalid, positive, suggest

@@ -24,8 +24,9 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import Sampler
 
+from . import compat
 from .validation import LightningOptimWarning, invalid
 
 __all__ = ["ResumableSampler", "ResumableDataLoader"]
@@ -63,7 +64,7 @@ class ResumableSampler(Sampler[int]):
         return self.num_samples
 
 
-class ResumableDataLoader(DataLoader):
+class ResumableDataLoader(compat.hooked_data_loader()):
     """A ``DataLoader`` that Lightning can checkpoint mid-epoch and resume exactly.
 
     Use it where you would use ``DataLoader`` (same arguments, plus ``seed`` and
@@ -120,11 +121,10 @@ class ResumableDataLoader(DataLoader):
         self._rng: dict[str, Any] | None = None  # RNG states to restore before the next batch
         self._warned = False
 
-    # DataLoader reads ``_index_sampler`` for its length and whenever it starts an iterator
+    # DataLoader reads its index sampler for its length and whenever it starts an iterator
     # (also a persistent-workers iterator's reset), so the skip goes in there.
-    @property
-    def _index_sampler(self) -> Any:
-        return _SkippingIndexSampler(self, super()._index_sampler)
+    def wrap_index_sampler(self, inner: Any) -> Any:
+        return _SkippingIndexSampler(self, inner)
 
     def __iter__(self) -> Iterator[Any]:
         # Own generator, reseeded per epoch: the worker base seed is drawn from it, not from the

@@ -46,8 +46,7 @@ class Prologue(IntEnum):
     RADAM = 5    # f0: the step size, f1: 1 when rectified (rho_t > 5) else 0, f3 = decay
 
 
-@dataclass(frozen=True)
-class Launch:
+class Launch(NamedTuple):
     """One group's Triton launch: what :mod:`lightning_optim.backends.triton.launcher` needs.
 
     ``kernel``: the name of the ``@triton.jit`` kernel in ``kernels.py``; ``slots``: the state
@@ -57,7 +56,8 @@ class Launch:
     compile-time options, by name; ``prologue``/``prologue_args``/``bias``: the prologue's
     code, its ``(weight_decay, beta1, beta2, c)`` and its ``BIAS`` switch; ``rows`` (a
     ``row_coupled`` rule): the (1, H) row state the row pre-pass updates before the
-    elementwise kernel, the EMA first, then its running maximum (AMSGrad) if any."""
+    elementwise kernel, the EMA first, then its running maximum (AMSGrad) if any. (A named
+    tuple: one is built per bucket and step, on the host's hot path.)"""
 
     kernel: str
     slots: tuple[str, ...]

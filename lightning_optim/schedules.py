@@ -66,6 +66,7 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from . import compat
 from .validation import at_least, choice, invalid, number, suggest, unit_interval
 
 OWNER = "scheduler"
@@ -335,6 +336,6 @@ def with_total_steps(scheduler: LambdaLR, total_steps: int) -> LambdaLR:
         else:
             group["lr"] = lr
     # What get_last_lr() reports; torch keeps copies, never the groups' own tensors.
-    scheduler._last_lr = [g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"]
-                          for g in groups]
+    compat.set_scheduler_last_lr(
+        scheduler, [g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"] for g in groups])
     return scheduler

@@ -30,6 +30,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from . import compat
+
 try:  # public since torch 2.5
     from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:  # pragma: no cover - torch built without distributed
@@ -45,7 +47,7 @@ def is_dtensor(t: object) -> bool:
 def local(t: Tensor) -> Tensor:
     """The tensor holding this rank's part of ``t`` (``t`` itself if it is not a DTensor).
     In-place updates of the result update ``t``: it is the DTensor's own local storage."""
-    return t._local_tensor if is_dtensor(t) else t
+    return compat.dtensor_local_storage(t) if is_dtensor(t) else t
 
 
 def shard_groups(t: Tensor, dim: int | None = None) -> list:

@@ -1,4 +1,4 @@
-"""The private Lightning/torch attributes we rely on, all in lightning_optim.integration.compat.
+"""The private Lightning/torch attributes we rely on, all in lightning_optim.compat.
 
 Two kinds of checks:
 
@@ -26,18 +26,15 @@ import pytest
 import torch
 
 import lightning_optim
-from lightning_optim.integration import compat
+from lightning_optim import compat
 
 PACKAGE = Path(lightning_optim.__file__).parent
-COMPAT = PACKAGE / "integration" / "compat.py"
+COMPAT = PACKAGE / "compat.py"
 INSTALLED = f"installed: lightning {lightning.__version__}, torch {torch.__version__}"
 
 # Private accesses allowed outside compat.py: (file relative to the package, attribute) -> why.
 # Each still has a function in compat for its owner to switch to; the entries go when they do.
 ALLOWED = {
-    ("schedules.py", "_last_lr"): "pending: schedules.py switches to compat.set_scheduler_last_lr",
-    ("sharding.py", "_local_tensor"): "pending: sharding.py switches to compat.dtensor_local_storage",
-    ("data.py", "_index_sampler"): "pending: data.ResumableDataLoader switches to compat.hooked_data_loader",
 }
 
 
@@ -121,7 +118,7 @@ def test_private_attribute_is_where_compat_expects_it(access, tmp_path):
             found = params == list(access.params)
             detail = f"its parameters are now {params}, compat calls it with {list(access.params)}"
     assert found, (
-        f"{where} moved or changed ({detail}): lightning_optim.integration.compat.{access.function} "
+        f"{where} moved or changed ({detail}): lightning_optim.compat.{access.function} "
         f"relies on it; checked on {access.checked}; {INSTALLED}. Update that function (and its row "
         "in compat.ACCESSES) for this version."
     )
@@ -202,7 +199,7 @@ def test_import_of_compat_loads_no_lightning():
     import subprocess
     import sys
 
-    code = ("import sys, lightning_optim.integration.compat, lightning_optim.clipping; "
+    code = ("import sys, lightning_optim.compat, lightning_optim.clipping; "
             "print(sorted(m for m in sys.modules if m == 'lightning' or m.startswith('lightning.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -339,7 +336,7 @@ def test_private_attributes_are_touched_only_in_compat():
     findings = _static_findings(_sources()) | _class_findings()
     unexplained = sorted(f for f in findings if (f[0], f[1]) not in ALLOWED)
     assert unexplained == [], (
-        "private Lightning/torch attributes touched outside lightning_optim/integration/compat.py "
+        "private Lightning/torch attributes touched outside lightning_optim/compat.py "
         "(file, attribute, line): put each behind a small function there, with the versions it was "
         f"checked on and a row in compat.ACCESSES: {unexplained}"
     )

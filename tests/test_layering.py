@@ -23,10 +23,7 @@ CONF = ROOT / "conf"
 UPPER = ("lightning_optim.app", "lightning_optim.dashboard", "lightning_optim.integration")
 ENTRY_POINTS = {"lightning_optim", "lightning_optim.train", "lightning_optim.demo"}
 # Upward imports known and reported, each with its reason; nothing else may join them.
-# clipping reads torch's private foreach helpers through the one module that touches private
-# torch/Lightning attributes, which sits in integration/ for now (moving it below the library
-# would remove this entry).
-KNOWN_UPWARD = {("lightning_optim.clipping", "lightning_optim.integration.compat")}
+KNOWN_UPWARD: set[tuple[str, str]] = set()
 
 
 def _modules() -> dict[str, Path]:

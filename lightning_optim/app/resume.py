@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from ..checkpoint import CheckpointError, atomic_write, checkpoint_step, newest_intact_checkpoint, verify_checkpoint
-from ..integration.compat import hooked_model_checkpoint, save_last_checkpoint_if_due
+from ..compat import hooked_model_checkpoint, save_last_checkpoint_if_due
 from ..validation import ConfigurationError
 
 

@@ -24,7 +24,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from ..extras import require_logger
 from ..validation import choice, invalid
-from .compat import hooked_experiment_writer, set_csv_experiment
+from ..compat import hooked_experiment_writer, set_csv_experiment
 
 LOGGERS = ("csv", "tensorboard", "wandb")
 

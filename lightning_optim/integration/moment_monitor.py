@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from .compat import lightning_log_step
+from ..compat import lightning_log_step
 from .loggers import log_histograms, log_metrics
 from .optimizer_callback import OptimizerCallback, unscale_for_fused_amp
 

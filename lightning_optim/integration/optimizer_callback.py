@@ -22,7 +22,7 @@ What it does, in the order Lightning calls it:
    taken, so a resumed run continues exactly.
 
 Lightning's private attributes and torch's AMP internals are reached only through
-:mod:`lightning_optim.integration.compat`.
+:mod:`lightning_optim.compat`.
 
 The LR schedule is stepped by this callback after each step taken, not by Lightning, so a
 skipped step leaves it unchanged; it is therefore not in ``trainer.lr_scheduler_configs``,
@@ -50,7 +50,7 @@ from ..partition import param_groups, summarize
 from ..registry import REGISTRY, create_optimizer
 from ..schedules import build_scheduler, describe
 from ..validation import ConfigurationError, LightningOptimWarning
-from . import compat
+from .. import compat
 from .checkpoint_guard import guard_checkpoint_loading
 from .loggers import log_metrics
 
