@@ -139,7 +139,7 @@ INVALID = {
     ),
     "eps": _numeric(),
     "weight_decay": _numeric(),
-    "momentum": _numeric(high=1.0),
+    "momentum": _numeric(),  # torch allows momentum >= 1 (SGD, RMSprop): only its sign and type are checked
     "dampening": _numeric(high=1.0, high_open=False),
     "alpha": _numeric(high=1.0),
     "lr_decay": _numeric(),
