@@ -88,9 +88,10 @@ class RuleSpec:
             signature's order (the class's signature must agree: a test compares).
         state_keys: ``group -> keys`` of the tensor state a step reads and writes besides
             ``step``, with torch's names, in the order the backends take them.
-        first_moment, second_moment: the state keys of the gradient's EMA and of the squared
-            gradient's (running sum or EMA), or None where the rule keeps none; what
-            :class:`lightning_optim.stats.MomentStats` reads as ``m`` and ``v``.
+        first_moment: the state key of the gradient's EMA, or None where the rule keeps
+            none; what :class:`lightning_optim.stats.MomentStats` reads as ``m``.
+        second_moment: the state key of the squared gradient's running sum or EMA, or None;
+            what the statistics read as ``v``.
         bias_corrected: both moments are EMAs started at zero that the rule divides by
             ``1 - beta^t`` (with the group's ``betas``), unless the group sets
             ``bias_correction=False``.

@@ -198,9 +198,9 @@ class MomentStats:
     Args:
         optimizer: a ``torch.optim.Optimizer`` (lightning_optim's or torch's).
         stats: which of :data:`STATS` to compute.
-        include, exclude: ``fnmatch`` globs on parameter names; a parameter is tracked when it
-            matches an ``include`` and no ``exclude`` pattern. Every pattern must match some
-            parameter.
+        include: ``fnmatch`` globs on parameter names; a parameter is tracked when it matches
+            one of them and no ``exclude`` pattern. Every pattern must match some parameter.
+        exclude: ``fnmatch`` globs of parameters not tracked.
         drift_max_elements: above this many second-moment elements, ``v_drift`` is estimated
             on a fixed strided subsample of that many coordinates.
 

@@ -41,8 +41,13 @@ class Adagrad(Optimizer):
     Stochastic Optimization", JMLR 12, the diagonal update of Sec. 1.1.
 
     Args:
-        lr: :math:`\eta`. lr_decay: :math:`\delta`. weight_decay: L2 :math:`\lambda`.
-        initial_accumulator_value: :math:`s_0`. eps: :math:`\epsilon`. maximize, backend.
+        lr: :math:`\eta`.
+        lr_decay: :math:`\delta`.
+        weight_decay: L2 :math:`\lambda`.
+        initial_accumulator_value: :math:`s_0`.
+        eps: :math:`\epsilon`.
+        maximize: ascend the objective instead of descending it.
+        backend: which implementation runs the rule (see :mod:`lightning_optim.backends`).
         master_weights: an fp32 master copy of bf16/fp16 params (see :class:`~lightning_optim.optim.Optimizer`).
 
     State: ``sum`` and ``step``.

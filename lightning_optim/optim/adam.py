@@ -62,10 +62,15 @@ class Adam(Optimizer):
     :math:`(1 - \beta_1)/\sqrt{1 - \beta_2}` times that, about 3.2x at the defaults.
 
     Args:
-        lr: :math:`\eta`. betas: :math:`(\beta_1, \beta_2)`. eps: :math:`\epsilon`.
-        weight_decay: :math:`\lambda`. amsgrad: use the running max of :math:`v`.
+        lr: :math:`\eta`.
+        betas: :math:`(\beta_1, \beta_2)`.
+        eps: :math:`\epsilon`.
+        weight_decay: :math:`\lambda`.
+        amsgrad: use the running max of :math:`v`.
         decoupled_weight_decay: decay the weights instead of the gradient (AdamW).
-        bias_correction: divide by :math:`1 - \beta^t`. maximize, backend.
+        bias_correction: divide by :math:`1 - \beta^t`.
+        maximize: ascend the objective instead of descending it.
+        backend: which implementation runs the rule (see :mod:`lightning_optim.backends`).
         master_weights: an fp32 master copy of bf16/fp16 params (see :class:`~lightning_optim.optim.Optimizer`).
 
     State: ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad), ``step``: torch's

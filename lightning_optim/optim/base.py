@@ -73,11 +73,14 @@ class Optimizer(StateDictMixin, torch.optim.Optimizer):
         defaults: the hyperparameters, validated by the subclass's ``_validate``.
         backend: ``"auto"``, ``"reference"``, ``"foreach"``, ``"triton"`` or ``"compiled"``
             (what ``auto`` picks, and when: :mod:`..backends`). Resolved once, here.
-        foreach, fused, capturable, differentiable: torch's keywords, so code written for
-            ``torch.optim`` runs unchanged: they choose the backend (``foreach=True``:
-            foreach, ``False``: reference; ``fused=True``: the single-pass kernels where they
-            run, else foreach with a warning; ``capturable=True``: device step counts);
-            ``differentiable=True`` raises. Not group options: :mod:`..backends` has the map.
+        foreach: torch's keyword: True picks foreach, False reference.
+        fused: torch's keyword: True picks the single-pass kernels where they run, else
+            foreach with a warning.
+        capturable: torch's keyword: True picks a backend with device step counts.
+        differentiable: torch's keyword: True raises (no backend is differentiable).
+
+    torch's four keywords are there so code written for ``torch.optim`` runs unchanged; they
+    only choose the backend and are not group options (:mod:`..backends` has the map).
 
     Complex parameters (complex64, complex128) are updated as their real views
     (``torch.view_as_real``: the (re, im) pairs as a trailing dim of 2), on every backend,

@@ -89,8 +89,10 @@ class CoupledAdam(AdamW):
     coupled group, and nothing else unless a partition rule says ``coupled=True``.
 
     Args:
-        As :class:`AdamW`, plus group options ``coupled`` (default False) and
-        ``coupling_scale`` :math:`c` (default 1.0, saved in the state dict with the group).
+        coupled: a group option (default False): share the second moment across dim 0 in this group.
+        coupling_scale: :math:`c` (default 1.0), saved in the state dict with the group.
+
+    The other arguments are :class:`AdamW`'s.
 
     State: ``exp_avg``, ``exp_avg_sq`` (shape ``(1, *shape[1:])`` in coupled groups),
     ``max_exp_avg_sq`` (amsgrad), ``step``.

@@ -44,8 +44,11 @@ class Lion(Optimizer):
     :math:`\beta_1 = \beta_2 = 0` it is signSGD.
 
     Args:
-        lr: :math:`\eta` (default 1e-4). betas: :math:`(\beta_1, \beta_2)` (default
-        (0.9, 0.99)). weight_decay: decoupled :math:`\lambda`. maximize, backend.
+        lr: :math:`\eta` (default 1e-4).
+        betas: :math:`(\beta_1, \beta_2)` (default (0.9, 0.99)).
+        weight_decay: decoupled :math:`\lambda`.
+        maximize: ascend the objective instead of descending it.
+        backend: which implementation runs the rule (see :mod:`lightning_optim.backends`).
         master_weights: an fp32 master copy of bf16/fp16 params (see :class:`~lightning_optim.optim.Optimizer`).
 
     State: ``exp_avg``, ``step``.

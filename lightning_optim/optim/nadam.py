@@ -49,8 +49,14 @@ class NAdam(Optimizer):
     ``momentum_decay``). ``decoupled_weight_decay=True`` gives NAdamW.
 
     Args:
-        lr, betas, eps, weight_decay, momentum_decay: :math:`\psi`,
-        decoupled_weight_decay, maximize, backend.
+        lr: :math:`\eta`.
+        betas: :math:`(\beta_1, \beta_2)`.
+        eps: :math:`\epsilon`.
+        weight_decay: :math:`\lambda` (L2, added to the gradient, unless decoupled).
+        momentum_decay: :math:`\psi` of the momentum schedule.
+        decoupled_weight_decay: decay the weights instead of the gradient (NAdamW).
+        maximize: ascend the objective instead of descending it.
+        backend: which implementation runs the rule (see :mod:`lightning_optim.backends`).
         master_weights: an fp32 master copy of bf16/fp16 params (see :class:`~lightning_optim.optim.Optimizer`).
 
     State: ``exp_avg``, ``exp_avg_sq``, ``mu_product`` (:math:`\Pi_t`, a float32 scalar: on the CPU,

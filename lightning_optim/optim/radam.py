@@ -49,7 +49,13 @@ class RAdam(Optimizer):
     Algorithm 2. ``decoupled_weight_decay=True`` gives RAdamW.
 
     Args:
-        lr, betas, eps, weight_decay, decoupled_weight_decay, maximize, backend.
+        lr: :math:`\eta`.
+        betas: :math:`(\beta_1, \beta_2)`.
+        eps: :math:`\epsilon`.
+        weight_decay: :math:`\lambda` (L2, added to the gradient, unless decoupled).
+        decoupled_weight_decay: decay the weights instead of the gradient (RAdamW).
+        maximize: ascend the objective instead of descending it.
+        backend: which implementation runs the rule (see :mod:`lightning_optim.backends`).
         master_weights: an fp32 master copy of bf16/fp16 params (see :class:`~lightning_optim.optim.Optimizer`).
 
     State: ``exp_avg``, ``exp_avg_sq``, ``step``.

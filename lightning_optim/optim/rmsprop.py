@@ -53,9 +53,14 @@ class RMSprop(Optimizer):
     Neural Networks", eq. 38-45.
 
     Args:
-        lr: :math:`\eta`. alpha: :math:`\alpha`, the smoothing constant. eps:
-        :math:`\epsilon`. weight_decay: L2 :math:`\lambda`. momentum: :math:`\mu`.
-        centered: normalize by the estimated variance. maximize, backend.
+        lr: :math:`\eta`.
+        alpha: :math:`\alpha`, the smoothing constant.
+        eps: :math:`\epsilon`.
+        weight_decay: L2 :math:`\lambda`.
+        momentum: :math:`\mu`.
+        centered: normalize by the estimated variance.
+        maximize: ascend the objective instead of descending it.
+        backend: which implementation runs the rule (see :mod:`lightning_optim.backends`).
         master_weights: an fp32 master copy of bf16/fp16 params (see :class:`~lightning_optim.optim.Optimizer`).
 
     State: ``square_avg``, ``momentum_buffer`` (momentum > 0), ``grad_avg`` (centered), ``step``.

@@ -47,10 +47,13 @@ class SGD(Optimizer):
     ``momentum`` (momentum=0.9), ``nesterov`` (momentum=0.9, nesterov=True).
 
     Args:
-        lr: :math:`\eta`. momentum: :math:`\mu`. dampening: :math:`\tau` (not applied on
-        the first step). weight_decay: L2 penalty :math:`\lambda` added to the gradient.
+        lr: :math:`\eta`.
+        momentum: :math:`\mu`.
+        dampening: :math:`\tau` (not applied on the first step).
+        weight_decay: L2 penalty :math:`\lambda` added to the gradient.
         nesterov: use the look-ahead form (needs momentum > 0 and dampening = 0).
-        maximize: ascend instead. backend: see :mod:`lightning_optim.backends`.
+        maximize: ascend the objective instead of descending it.
+        backend: which implementation runs the rule (see :mod:`lightning_optim.backends`).
         master_weights: an fp32 master copy of bf16/fp16 params (see :class:`~lightning_optim.optim.Optimizer`).
 
     State: ``momentum_buffer`` (when momentum != 0) and ``step``.

@@ -49,9 +49,13 @@ class Yogi(Optimizer):
     decay is decoupled.
 
     Args:
-        lr: default 1e-2. betas: default (0.9, 0.999). eps: default 1e-3 (the paper's
-        choice; larger than Adam's because v starts tiny). initial_accumulator_value:
-        :math:`v_0`, default 1e-6. weight_decay: decoupled :math:`\lambda`. maximize, backend.
+        lr: :math:`\eta`, default 1e-2.
+        betas: :math:`(\beta_1, \beta_2)`, default (0.9, 0.999).
+        eps: :math:`\epsilon`, default 1e-3 (the paper's choice; larger than Adam's because v starts tiny).
+        initial_accumulator_value: :math:`v_0`, default 1e-6.
+        weight_decay: decoupled :math:`\lambda`.
+        maximize: ascend the objective instead of descending it.
+        backend: which implementation runs the rule (see :mod:`lightning_optim.backends`).
         master_weights: an fp32 master copy of bf16/fp16 params (see :class:`~lightning_optim.optim.Optimizer`).
 
     State: ``exp_avg``, ``exp_avg_sq``, ``step``.
