@@ -35,7 +35,7 @@ hit one bad batch. Under fp16 AMP, the GradScaler's own overflow steps (the unsc
 are inf) are counted here as well.
 
 Fused with the step. On a backend that applies gradient transforms inside its update
-(``fused_grad_transform``, :mod:`lightning_optim.backends.protocol`: triton) ``clip_`` does
+(``fused_grad_transform``, :mod:`lightning_optim.backends.protocol`: triton, compiled) ``clip_`` does
 not rescale or clamp the gradients: it hands each group's coefficient (a 0-d device tensor) or bound to the optimizer
 (``Optimizer.scale_next_step``), and the update kernel applies it to g in registers while
 it reads g anyway. That saves a pass that reads and writes every gradient (8 of fp32

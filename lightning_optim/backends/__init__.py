@@ -210,7 +210,7 @@ _RESOLVED: dict[str, Backend] = {
     "foreach": Backend("foreach", foreach.run),
     "triton": Backend("triton", triton_backend.run, device_steps=True, fused_grad_transform=True,
                       proves_itself=True),
-    "compiled": Backend("compiled", compiled.run),
+    "compiled": Backend("compiled", compiled.run, fused_grad_transform=True),
 }
 # Where an ``auto`` choice that failed its check on the device goes instead.
 FALLBACK = "foreach"

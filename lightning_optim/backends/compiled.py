@@ -32,10 +32,21 @@ graph; with a row-sharded param (a ``row_mean`` hook) the local row sums are com
 outside the graph, finished by the hook (an all-reduce), and enter the graph as inputs, as
 on the triton backend.
 
+Clipping and AMP (``fused_grad_transform``, :mod:`.protocol`): the clip-by-norm coefficient
+(a 0-d device tensor from :class:`~lightning_optim.clipping.GradientClipper`, handed over by
+``Optimizer.scale_next_step``) multiplies each gradient inside the graph, and a clip-by-value
+bound clamps it there, so the step reads g once where clipping first reads and writes it once
+more (8 of fp32 AdamW's 36 bytes per parameter). Both enter as 0-d tensors: a coefficient or
+bound that changes every step never recompiles; only having one or not is structural. The
+``.grad`` tensors are left unclipped, as on triton. The backend counts steps on the host (no
+``device_steps``), so ``torch.amp.GradScaler`` unscales the gradients and skips inf steps on
+the host, as for any torch optimizer.
+
 If Inductor cannot compile a step (no C++ compiler, an unsupported torch or Python, an
 Inductor error), the bucket runs on :mod:`.foreach` instead (same results, several passes
 over memory), with one :class:`~lightning_optim.validation.LightningOptimWarning` per
-process that names the reason.
+process that names the reason; there the gradient transform is applied to the ``.grad``
+tensors in place first, as on foreach.
 
 Cost: compiling happens on the first step of each bucket configuration. On 2 CPU cores a
 cold process pays ~30 s before the first graph (Inductor's own start-up) plus seconds per
@@ -55,6 +66,7 @@ from torch import Tensor
 from .. import rules
 from ..validation import LightningOptimWarning
 from . import foreach
+from .protocol import apply_grad_transform
 
 # ----- the rules, one tensor at a time, as pure functions ------------------------------------
 # ``c`` is the tensor's row of coefficients (0-d tensors when indexed); ``f`` the structural
@@ -276,18 +288,31 @@ def flags(rule: rules.RuleSpec | str, h: dict) -> tuple[tuple[str, bool], ...]:
 # ----- the bucket step and its graphs --------------------------------------------------------
 
 
-def _bucket_step(P, G, slots, masters, rows, C, *, rule, keys, config):
+def _transform(g: Tensor, scale: Tensor | None, bound: Tensor | None) -> Tensor:
+    """The fused gradient transform (``fused_grad_transform``, :mod:`.protocol`): g times the
+    fp32 coefficient ``scale`` (clip-by-norm, ``min(1, max_norm / (||g|| + 1e-6))``, Pascanu
+    et al. 2013, Alg. 2; or AMP's unscale), then clamped to ``[-bound, bound]`` (clip by
+    value), in the working dtype, as :func:`.protocol.apply_grad_transform` does in passes."""
+    if scale is not None:
+        g = g * scale
+    if bound is not None:
+        g = torch.clamp(g, -bound, bound)
+    return g
+
+
+def _bucket_step(P, G, slots, masters, rows, C, scale, bound, *, rule, keys, config):
     """Update every tensor of a bucket: the body each compiled graph traces. ``slots`` are
     the state lists in ``keys`` order, ``masters`` the fp32 master copies (or None), ``rows``
     Coupled Adam's finished rows (or None), ``C`` the coefficients, one row per tensor;
-    ``rule``: the rule's name."""
+    ``scale``/``bound``: the fused gradient transform's 0-d coefficient and clamp bound (or
+    None each); ``rule``: the rule's name."""
     fn = RULES[rule][0]
     f = dict(config)
     coupled = f["coupled"]
     for i in range(len(P)):
         p = P[i]
         w = masters[i] if masters is not None else (p if p.dtype in (torch.float32, torch.float64) else p.float())
-        g = G[i].to(w.dtype)
+        g = _transform(G[i].to(w.dtype), scale, bound)
         s = {k: slots[j][i] for j, k in enumerate(keys)}
         if coupled:
             new_w, new = fn(w, g, s, C[i], f, None if rows is None else rows[i])
@@ -342,14 +367,19 @@ def _fall_back(reason: str) -> None:
     )
 
 
-def run(rule: rules.RuleSpec | str, params, grads, state, steps, group, row_mean=None) -> None:
+def run(rule: rules.RuleSpec | str, params, grads, state, steps, group, row_mean=None, *,
+        grad_scale: Tensor | None = None, clip_value: float | None = None) -> None:
     """Apply ``rule`` to one (device, dtype) bucket in one compiled graph (see the module
     docstring). The signature and the meaning of every argument are :mod:`.foreach`'s:
     ``steps`` are Python floats, ``state["master_param"]`` the optional fp32 masters,
-    ``row_mean(i, local_row_sum)`` Coupled Adam's hook for row-sharded params.
+    ``row_mean(i, local_row_sum)`` Coupled Adam's hook for row-sharded params; plus the fused
+    gradient transform (``fused_grad_transform``): every gradient is multiplied by the 0-d
+    fp32 tensor ``grad_scale`` and then clamped to ``[-clip_value, clip_value]`` inside the
+    graph, as it is read for the update, so ``grads`` are left as they are.
 
     A rule without a pure function here runs on :mod:`.foreach` (the same update), with one
-    warning per rule and process."""
+    warning per rule and process; there, and wherever the bucket falls back to foreach, the
+    transform is applied to ``grads`` in place first, as for a backend without it."""
     spec = rules.get(rule)
     if spec.name not in RULES:
         if spec.name not in _uncompiled:
@@ -357,29 +387,35 @@ def run(rule: rules.RuleSpec | str, params, grads, state, steps, group, row_mean
             warnings.warn(f"backend='compiled' has no compiled form of the {spec.name} rule: it runs on "
                           "backend='foreach' (the same update, in several passes over memory).",
                           LightningOptimWarning, stacklevel=4)
-        foreach.run(spec, params, grads, state, steps, group, row_mean=row_mean)
+        _foreach(spec, params, grads, state, steps, group, row_mean, grad_scale, clip_value)
         return
     rule = spec.name
     if _failed is not None or not params:
-        foreach.run(spec, params, grads, state, steps, group, row_mean=row_mean)
+        _foreach(spec, params, grads, state, steps, group, row_mean, grad_scale, clip_value)
         return
     masters = state.get("master_param")
     keys = tuple(k for k in state if k != "master_param" and k not in spec.scalar_state)
     work_dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
     device = params[0].device
     config = flags(spec, group)
+    # The clamp bound enters as a 0-d tensor: a bound that changes between steps (a schedule
+    # of clip values) is a new input, not a new graph. Only None vs a bound is structural.
+    bound = None if clip_value is None else torch.tensor(float(clip_value), dtype=work_dtype).to(device)
     # Computed before any state changes, so a failed compile can hand the bucket to foreach.
     finished = None
     if spec.row_coupled and row_mean is not None:
-        finished = [row_mean(i, g.to(work_dtype).square().sum(0, keepdim=True)) for i, g in enumerate(grads)]
+        # The shared row is the mean of the *transformed* g^2: this read of g is outside the
+        # graph (the hook all-reduces), so the transform is applied here too.
+        finished = [row_mean(i, _transform(g.to(work_dtype), grad_scale, bound).square().sum(0, keepdim=True))
+                    for i, g in enumerate(grads)]
     key = (rule, config, keys, masters is not None, finished is not None, device, params[0].dtype,
-           tuple(p.shape for p in params))
+           tuple(p.shape for p in params), grad_scale is not None, bound is not None)
     first = key not in _GRAPHS
     try:
         graph = _graph_for(key)
     except Exception as error:  # torch.compile itself refused (an unsupported Python or torch)
         _fall_back(f"{type(error).__name__}: {error}")
-        foreach.run(spec, params, grads, state, steps, group, row_mean=row_mean)
+        _foreach(spec, params, grads, state, steps, group, row_mean, grad_scale, clip_value)
         return
     before = [x.clone() for k in spec.scalar_state for x in state[k]] if first else None
     rows = _coefficients(spec, state, steps, group)
@@ -391,7 +427,7 @@ def run(rule: rules.RuleSpec | str, params, grads, state, steps, group, row_mean
     slots = [list(state[k]) for k in keys]
     try:
         graph(list(params), list(grads), slots, None if masters is None else list(masters), finished, C,
-              rule=rule, keys=keys, config=config)
+              grad_scale, bound, rule=rule, keys=keys, config=config)
     except Exception as error:
         if not first:
             raise
@@ -402,4 +438,11 @@ def run(rule: rules.RuleSpec | str, params, grads, state, steps, group, row_mean
                 x.copy_(b)
         _GRAPHS.pop(key, None)
         _fall_back(f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}")
-        foreach.run(spec, params, grads, state, steps, group, row_mean=row_mean)
+        _foreach(spec, params, grads, state, steps, group, row_mean, grad_scale, clip_value)
+
+
+def _foreach(spec, params, grads, state, steps, group, row_mean, grad_scale, clip_value) -> None:
+    """The bucket on :mod:`.foreach`: the gradient transform as passes over ``grads`` first."""
+    if grad_scale is not None or clip_value is not None:
+        apply_grad_transform(grads, grad_scale, clip_value)
+    foreach.run(spec, params, grads, state, steps, group, row_mean=row_mean)

@@ -12,7 +12,8 @@ GradScaler's found-inf flag and Coupled Adam's row-mean hook. It calls
   step counts are CPU tensors, counted here and passed on as Python floats, and GradScaler
   unscales and skips on the host as for any torch optimizer.
 - ``fused_grad_transform``: the backend multiplies the gradients by ``grad_scale`` and clamps
-  them to ``clip_value`` inside the update (one read of g instead of two passes); otherwise
+  them to ``clip_value`` inside the update (one read of g instead of two passes; triton,
+  compiled), and the ``.grad`` tensors are left unclipped; otherwise
   :meth:`Backend.step` applies both to the bucket's gradients, in place, before the update.
 - ``proves_itself``: when ``auto`` picks the backend, its kernels are checked against the
   reference on the device before they are trusted (:func:`lightning_optim.backends.confirm_auto`).
@@ -79,11 +80,15 @@ class Backend:
             return
         if found_inf is not None:
             raise ValueError(f"backend {self.name!r} does not take found_inf: GradScaler skips its steps on the host")
+        transform = {}
         if grad_scale is not None or clip_value is not None:
-            apply_grad_transform(bucket.grads, grad_scale, clip_value)
+            if self.fused_grad_transform:  # host step counts, transform in the update (compiled)
+                transform = {"grad_scale": grad_scale, "clip_value": clip_value}
+            else:
+                apply_grad_transform(bucket.grads, grad_scale, clip_value)
         torch._foreach_add_(bucket.steps, 1.0)
         steps = torch.stack(bucket.steps).tolist()
-        self.run(rule, bucket.params, bucket.grads, bucket.state, steps, group, row_mean)
+        self.run(rule, bucket.params, bucket.grads, bucket.state, steps, group, row_mean, **transform)
 
 
 def apply_grad_transform(grads: list[Tensor], grad_scale: Tensor | None, clip_value: float | None) -> None:
