@@ -53,10 +53,12 @@ Triton
     only; on a CPU the row is skipped with the reason printed (the kernels run on CPUs only
     in Triton's interpreter, a test tool). Its ``B/param`` is the kernel's own byte count
     (``lightning_optim.backends.triton.bytes_per_param``, worked out per rule in that
-    package's docstring), so its GB/s is comparable to the copy ceiling. With triton, two
-    more rows time a clipped AdamW step: ``GradientClipper(mode="norm")`` handing its
-    coefficient to the fused step (which applies it in-kernel), against
-    ``torch.nn.utils.clip_grad_norm_`` + ``torch.optim.AdamW(fused=True)``. ``--max-norm``
+    package's docstring), so its GB/s is comparable to the copy ceiling. With triton or
+    compiled, more rows time a clipped AdamW step: ``GradientClipper(mode="norm")`` handing
+    its coefficient to the single-pass step of each (which applies it as it reads g), against
+    ``torch.nn.utils.clip_grad_norm_`` + ``torch.optim.AdamW(fused=True)``. Their ``B/param``
+    counts the norm's read of g (fp32: 28 + 4 = 32 for ours) and, for torch's path, the
+    rescale's read and write of g as well (40). ``--max-norm``
     defaults to 1.0, the issue's target: every step clips on both sides (torch's rescales
     the shared grads to norm 1 once, then by a coefficient of about 1 each step).
 
@@ -250,15 +252,15 @@ def triton_bytes(opt) -> int:
     return total
 
 
-class ClippedTriton:
-    """Our AdamW on the Triton backend behind ``GradientClipper(mode="norm")``, the library's
-    own path: the clipper's per-tensor norms (one foreach reduction), the coefficient handed
-    to the step (``Optimizer.scale_next_step``), and the fused step applying it to g in
-    registers: no pass over the grads to scale them, no host sync. The grads stay as they
-    are, so every timed step clips the same way."""
+class ClippedOurs:
+    """Our AdamW on a fused-transform backend (``triton`` or ``compiled``) behind
+    ``GradientClipper(mode="norm")``, the library's own path: the clipper's per-tensor norms
+    (one foreach reduction), the coefficient handed to the step (``Optimizer.scale_next_step``),
+    and the single-pass step applying it to g as it reads g: no pass over the grads to scale
+    them, no host sync. The grads stay as they are, so every timed step clips the same way."""
 
-    def __init__(self, params, max_norm: float) -> None:
-        self.opt = create_optimizer("adamw", [{"params": params, "name": "all"}], backend="triton", weight_decay=0.1)
+    def __init__(self, params, max_norm: float, backend: str) -> None:
+        self.opt = create_optimizer("adamw", [{"params": params, "name": "all"}], backend=backend, weight_decay=0.1)
         self.clipper = GradientClipper(mode="norm", max_norm=max_norm)
         self.params = params
         self.state = self.opt.state
@@ -463,7 +465,8 @@ def main(argv=None) -> int:
 
     shapes = parse_sizes(args.sizes) if args.sizes else gpt2_shapes(args.width, vocab)
     names = [n for n, _ in shapes]
-    n_configs = (0 if args.no_baselines else len(BASELINES)) + len(rules) * len(backends) + 2 * ("triton" in backends)
+    n_fused = sum(b in backends for b in ("triton", "compiled"))
+    n_configs = (0 if args.no_baselines else len(BASELINES)) + len(rules) * len(backends) + n_fused + (n_fused > 0)
     need = estimate_bytes(shapes, dtype, n_configs)
     have = available_bytes(device)
     if have is not None and need > 0.9 * have:
@@ -497,11 +500,16 @@ def main(argv=None) -> int:
                 notes.append(f"{rule} / {backend} skipped: {e}")
                 continue
             configs.append(Config(rule, backend, opt.backend, opt, ps))
-    if "triton" in backends:
-        for label, make in (("ours: GradientClipper + triton step", ClippedTriton),
-                            ("torch clip_grad_norm_ + fused", ClippedTorch)):
+    fused_backends = [b for b in ("triton", "compiled") if b in backends]
+    if fused_backends:
+        for b in fused_backends:
             ps = fresh_params(values, grads)
-            configs.append(Config("adamw + clip", label, label, make(ps, args.max_norm), ps))
+            label = f"ours: GradientClipper + {b} step"
+            configs.append(Config("adamw + clip", label, label, ClippedOurs(ps, args.max_norm, b), ps))
+        # Its own grads: clip_grad_norm_ rescales them in place, and the others share theirs.
+        ps = fresh_params(values, [g.clone() for g in grads])
+        label = "torch clip_grad_norm_ + fused"
+        configs.append(Config("adamw + clip", label, label, ClippedTorch(ps, args.max_norm), ps))
 
     # Warm-up: state creation, allocator, first-touch page faults. Untimed; a failure drops the row.
     for c in list(configs):
@@ -518,10 +526,13 @@ def main(argv=None) -> int:
             continue
         c.bytes_per_step = min_bytes(c.opt, c.params)
         if c.resolved == "triton" or c.resolved.startswith("triton "):
-            inner = c.opt.opt if isinstance(c.opt, ClippedTriton) else c.opt
-            c.bytes_per_step = triton_bytes(inner)
+            c.bytes_per_step = triton_bytes(c.opt)
+        if isinstance(c.opt, ClippedOurs) and c.opt.opt.backend == "triton":
+            c.bytes_per_step = triton_bytes(c.opt.opt)
         if c.rule == "adamw + clip":
             c.bytes_per_step += sum(p.grad.nbytes for p in c.params)  # the norm reads g once more
+        if isinstance(c.opt, ClippedTorch):  # and clip_grad_norm_ rescales g in place: read + write
+            c.bytes_per_step += 2 * sum(p.grad.nbytes for p in c.params)
 
     # The compile again, from Inductor's on-disk cache: Dynamo forgets its graphs (reset), the
     # backend its compiled functions; the next step traces again and loads the compiled code.
@@ -533,6 +544,13 @@ def main(argv=None) -> int:
             c.opt.step()
             sync(device)
             c.compile_s = (c.compile_s[0], time.perf_counter() - t0)
+    # The resets dropped every compiled graph: one more untimed step each, so that no timed
+    # step of a compiled configuration (the clipped one included) traces again.
+    if any(c.compile_s is not None for c in configs):
+        for c in configs:
+            if c.compile_s is not None or (isinstance(c.opt, ClippedOurs) and c.opt.opt.backend == "compiled"):
+                c.opt.step()
+                sync(device)
     if compiled_backend._failed is not None:
         notes.append(f"compiled rows fell back to foreach: {compiled_backend._failed}")
 
