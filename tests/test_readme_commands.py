@@ -93,13 +93,15 @@ def readme_commands(text: str | None = None) -> list[str]:
         if lang in ("bash", "sh", "shell", "console"):
             found += [line.strip() for line in body.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     prose = re.sub(r"```.*?```", "", text, flags=re.S)
-    found += [span for span in re.findall(r"`([^`\n]+)`", prose) if re.match(PROGRAM + r" \S", span)]
+    # A program with an argument; `pip install` alone names the tool, not a command to run.
+    found += [span for span in re.findall(r"`([^`\n]+)`", prose)
+              if re.match(PROGRAM + r" \S", span) and not re.fullmatch(r"pip \w+", span)]
     return list(dict.fromkeys(found))
 
 
 def test_the_extraction_finds_blocks_and_inline_commands():
     text = ("x\n```bash\n./setup.sh && .venv/bin/python -m pytest\n# a comment\n```\n"
-            "Run `python -m a.b --x 1`, or `pip install .`; not `python` alone, `wandb/offline-run-*` or\n"
+            "Run `python -m a.b --x 1`, or `pip install .`; not `python` alone, `pip install`, `wandb/offline-run-*` or\n"
             "```python\nimport os\n```\n")
     assert readme_commands(text) == ["./setup.sh && .venv/bin/python -m pytest", "python -m a.b --x 1", "pip install ."]
 
