@@ -31,18 +31,10 @@ optimizer's setting, not the state dict's: ``load_state_dict`` keeps each group'
 ``master_weights`` as this optimizer has it, creates a missing master from the loaded
 param (warning once) and drops one that is not wanted (warning once).
 
-Device step counts (a backend with ``device_steps``: triton). ``state["step"]`` and NAdam's
-``state["mu_product"]`` live on the param's device (created there lazily; ``load_state_dict``
-puts loaded ones there, so torch's fused/capturable state dicts load either way). A step
-never reads them on the host: the backend's step prologue adds 1 to them on the device and
-computes the step-dependent factors from them. That, with AMP's ``grad_scale``/``found_inf``
-taken on the device, leaves no per-step host value in the step, so it can be captured in a
-CUDA graph. AMP: ``_step_supports_amp_scaling`` is True on such a backend, so
-``torch.amp.GradScaler.step`` sets ``grad_scale`` (None when already unscaled) and
-``found_inf`` on the optimizer and calls ``step``: the kernel divides the gradients by
-``grad_scale`` (times any ``scale_next_step`` coefficient), and a set ``found_inf`` makes the
-launch a no-op and does not count the step (as torch's fused Adam), leaving ``mu_product``
-as it was.
+Device step counts and AMP (a backend with ``device_steps``: triton): ``state["step"]`` and
+NAdam's ``state["mu_product"]`` live on the param's device and are counted there, and
+``torch.amp.GradScaler`` hands its ``grad_scale``/``found_inf`` to the step
+(``_step_supports_amp_scaling``). The contract is written once, in ``docs/triton.md``.
 """
 
 from __future__ import annotations

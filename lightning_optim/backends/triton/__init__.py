@@ -48,8 +48,8 @@ def run(rule, params, grads, state, steps, group, row_mean=None, *, grad_scale=N
 
     The backend signature ``run(rule, params, grads, state, steps, group, row_mean=None)``
     (``steps``: this step's counts, float32 0-d tensors on the params' device, or Python
-    floats; see the module docstring) plus the fused-clip hooks ``grad_scale``,
-    ``found_inf`` and ``clip_value`` (see the module docstring), and ``advance``: the step
+    floats; see ``docs/triton.md``) plus the fused-clip hooks ``grad_scale``,
+    ``found_inf`` and ``clip_value`` (the same page), and ``advance``: the step
     tensors hold the previous counts and the step prologue counts this step on the device
     (what ``Optimizer.step`` passes). ``row_mean(i, local_sum)``: Coupled Adam's hook
     turning the local sum over dim 0 of g^2 (fp32, shape (1, *shape[1:])) into the global
@@ -63,7 +63,7 @@ def run(rule, params, grads, state, steps, group, row_mean=None, *, grad_scale=N
 
 def bytes_per_param(rule, group: dict, dtype: torch.dtype, *, master: bool = False) -> int:
     """The bytes one step of ``rule`` (its :class:`~lightning_optim.rules.RuleSpec` or name)
-    must move per parameter element (table above): the param read and written and the
+    must move per parameter element (the table in ``docs/triton.md``): the param read and written and the
     gradient read, ``3E``, plus what the rule's spec declares for its state."""
     e = torch.empty((), dtype=dtype).element_size()
     return 3 * e + rules.get(rule).bytes_per_element(group, e) + ((8 - e) if master and e < 4 else 0)

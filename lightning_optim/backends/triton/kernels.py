@@ -1,7 +1,7 @@
 """The ``@triton.jit`` kernels: one per update rule, the step prologue and Coupled Adam's row
 update.
 
-Every elementwise kernel has the same shape (see the package docstring for the table):
+Every elementwise kernel has the same shape (the table of bytes moved is in ``docs/triton.md``):
 
 1. ``_locate``: program ``pid`` reads (tensor index, block index) from the block list and
    the tensor's row of the table (numel, row length, then one int64 address per slot);

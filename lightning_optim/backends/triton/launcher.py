@@ -3,7 +3,7 @@
 ``run`` does, per (device, dtype) bucket: check dtypes; bring every tensor into a layout
 the kernel can walk linearly (see :func:`_layouts`); Coupled Adam's row pre-pass; the
 lr- and step-dependent factors (the prologue kernel, :func:`_device_factors`);
-the table from the cache; one launch; copy back any work copies. See the package docstring for the design.
+the table from the cache; one launch; copy back any work copies. The design: ``docs/triton.md``.
 """
 
 from __future__ import annotations
@@ -293,7 +293,7 @@ def run(rule: RuleSpec | str, params: Sequence[Tensor], grads: Sequence[Tensor],
         grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
         clip_value: float | None = None, advance: bool = False) -> None:
     """Apply ``rule`` (its :class:`~lightning_optim.rules.RuleSpec` or name) to one (device,
-    dtype) bucket in one kernel launch (see the package doc).
+    dtype) bucket in one kernel launch (``docs/triton.md``).
 
     ``steps``: this step's counts, as device step tensors or as floats, as the other
     backends take them (put on the device here). ``advance=True`` (what ``Optimizer.step``
