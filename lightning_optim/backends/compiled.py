@@ -82,6 +82,19 @@ def _grad(w: Tensor, g: Tensor, c: Tensor, f: dict, *, l2: bool) -> Tensor:
     return g
 
 
+def _decay(w: Tensor, g: Tensor, c: Tensor, f: dict) -> tuple[Tensor, Tensor]:
+    """The Adam family's weight decay: L2 into g, or decoupled, w * (1 - lr * wd) (c[1])."""
+    g = _grad(w, g, c, f, l2=not f["decoupled"])
+    if f["decoupled"] and f["wd"]:
+        w = w * c[1]
+    return w, g
+
+
+def _moments(g: Tensor, s: dict, c: Tensor) -> tuple[Tensor, Tensor]:
+    """Adam's two EMAs: m = lerp(m, g, 1 - beta1) (c[2]), v = beta2 * v + (1 - beta2) * g^2 (c[3], c[4])."""
+    return torch.lerp(s["exp_avg"], g, c[2]), s["exp_avg_sq"] * c[3] + c[4] * g * g
+
+
 def _sgd(w, g, s, c, f):
     # c: wd, mu, 1 - dampening (1 on a tensor's first step), -lr
     g = _grad(w, g, c, f, l2=True)
@@ -143,9 +156,7 @@ def _rmsprop_coefficients(h: dict, t: float) -> list[float]:
 
 def _adam(w, g, s, c, f, row=None):
     # c: wd, 1 - lr * wd, 1 - beta1, beta2, 1 - beta2, sqrt(bc2), eps, -lr / bc1, coupling_scale
-    g = _grad(w, g, c, f, l2=not f["decoupled"])
-    if f["decoupled"] and f["wd"]:
-        w = w * c[1]
+    w, g = _decay(w, g, c, f)
     # 1. m = beta1 * m + (1 - beta1) * g
     m = torch.lerp(s["exp_avg"], g, c[2])
     new = {"exp_avg": m}
@@ -179,12 +190,9 @@ def _adam_coefficients(h: dict, t: float) -> list[float]:
 
 def _nadam(w, g, s, c, f):
     # c: wd, 1 - lr * wd, 1 - beta1, beta2, 1 - beta2, bc2, eps, grad step, momentum step
-    g = _grad(w, g, c, f, l2=not f["decoupled"])
-    if f["decoupled"] and f["wd"]:
-        w = w * c[1]
+    w, g = _decay(w, g, c, f)
     # 2. the usual moments
-    m = torch.lerp(s["exp_avg"], g, c[2])
-    v = s["exp_avg_sq"] * c[3] + c[4] * g * g
+    m, v = _moments(g, s, c)
     denom = (v / c[5]).sqrt() + c[6]
     # 3. a gradient term and a look-ahead momentum term
     w = w + c[7] * (g / denom)
@@ -202,11 +210,8 @@ def _nadam_coefficients(h: dict, t: float, prod: float) -> list[float]:
 
 def _radam(w, g, s, c, f):
     # c: wd, 1 - lr * wd, 1 - beta1, beta2, 1 - beta2, bc1, lr, sqrt(bc2), eps, rect, rectified?
-    g = _grad(w, g, c, f, l2=not f["decoupled"])
-    if f["decoupled"] and f["wd"]:
-        w = w * c[1]
-    m = torch.lerp(s["exp_avg"], g, c[2])
-    v = s["exp_avg_sq"] * c[3] + c[4] * g * g
+    w, g = _decay(w, g, c, f)
+    m, v = _moments(g, s, c)
     m_hat = m / c[5]
     # 1-2. rectified where rho_t > 5 (c[10] = 1), plain momentum SGD otherwise
     rectified = m_hat * c[6] * (c[7] / (v.sqrt() + c[8])) * c[9]
