@@ -49,7 +49,11 @@ same coefficient, and a NaN on one rank makes every rank skip the step.
 
 Per-tensor norms are computed once (one ``torch._foreach_norm`` per device and dtype) and
 combined into the total, each group's and each clipping set's norm, in the order
-``clip_grad_norm_`` combines them, so that ``report.total_norm`` equals torch's bit for bit.
+``clip_grad_norm_`` combines them, so that ``report.total_norm`` and every group's norm equal
+torch's bit for bit. The host work around those kernels is kept small, as it is paid every
+step for every tensor: the grads are bucketed once, and with one device and dtype (the usual
+case) a group's norm reuses the total's stacked per-tensor norms instead of regrouping and
+restacking them (:class:`_Grads`, :class:`_Norms`).
 """
 
 from __future__ import annotations
@@ -183,60 +187,48 @@ class GradientClipper:
             fused = backend is not None and backend.fused_grad_transform
         if fused and not hasattr(optimizer, "scale_next_step"):
             raise invalid(OWNER, "fused", fused, f"needs a lightning_optim optimizer, not {type(optimizer).__name__}")
-        names, members, sharded = self._collect(optimizer)
-        # Sharded (DTensor) grads are clipped through their local shards, by global norms.
-        grads = [sharding.local(g) for g in sharded]
-        device = grads[0].device if grads else torch.device("cpu")
-        norms = _tensor_norms(grads, self.norm_type)
-        sharding.global_norms_(sharded, norms, self.norm_type)
-        total = _combine(grads, norms, list(range(len(grads))), self.norm_type, device)
-        group_norms = {n: _combine(grads, norms, members[n], self.norm_type, device) for n in names}
+        names, members, raw = self._collect(optimizer)
+        grads = _Grads(raw)
+        device = grads.device
+        norms = grads.norms(self.norm_type)
+        total = norms.total
+        group_norms = {n: norms.of(members[n]) for n in names}
         finite = torch.isfinite(total)
-        if self.mode == "none" and self.norm_type != 2.0 and grads:
+        if self.mode == "none" and self.norm_type != 2.0 and raw:
             # Finite grads can have squares that overflow (|g| > 1.8e19 in fp32) and would make
             # Adam-style second moments inf for good; a 1- or inf-norm does not see that, and
             # with no clipping nothing else bounds them, so ask the 2-norm too.
-            squares = _tensor_norms(grads, 2.0)
-            sharding.global_norms_(sharded, squares, 2.0)
-            finite = finite & torch.isfinite(_combine(grads, squares, list(range(len(grads))), 2.0, device))
-        false = torch.zeros((), dtype=torch.bool, device=device)
-        clipped = dict.fromkeys(names, false)
+            finite = finite & torch.isfinite(grads.norms(2.0).total)
+        clipped: dict[str, Tensor] = {}
 
-        if self.mode == "none":
-            return ClipReport(total_norm=total, group_norms=group_norms, clipped=clipped, finite=finite)
         if self.mode == "value":  # max|g| says whether a clamp changes a grad: the inf-norm
-            if math.isinf(self.norm_type):
-                max_abs = norms
-            else:
-                max_abs = _tensor_norms(grads, math.inf)
-                sharding.global_norms_(sharded, max_abs, math.inf)
-        for set_names, threshold in self._clipping_sets(names):
-            idx = [i for n in set_names for i in members[n]]
-            if not idx:
-                continue
-            if self.mode == "norm":
-                if len(set_names) == 1:
-                    norm = group_norms[set_names[0]]
-                elif len(idx) == len(grads):
-                    norm = total
-                else:
-                    norm = _combine(grads, norms, idx, self.norm_type, device)
-                if fused:
+            max_abs = norms.per_tensor if math.isinf(self.norm_type) else grads.tensor_norms(math.inf)
+        if self.mode != "none":
+            for set_names, threshold in self._clipping_sets(names):
+                idx = [i for n in set_names for i in members[n]]
+                if not idx:
+                    continue
+                if self.mode == "norm":
+                    norm = group_norms[set_names[0]] if len(set_names) == 1 else norms.of(idx)
                     coef = _coefficient(norm, threshold)
-                    for n in set_names:
-                        optimizer.scale_next_step(names.index(n), grad_scale=coef)
-                    scaled = coef < 1.0
-                else:
-                    scaled = _scale_by_norm(grads, idx, norm, threshold)
-                for n in set_names:  # a group of zeros is not changed by a shared coefficient
-                    clipped[n] = scaled & (group_norms[n] > 0)
-            else:
-                for n in set_names:
-                    clipped[n] = _exceeds(grads, max_abs, members[n], threshold, device)
                     if fused:
-                        optimizer.scale_next_step(names.index(n), clip_value=threshold)
-                if not fused:
-                    _clamp(grads, idx, threshold)
+                        for n in set_names:
+                            optimizer.scale_next_step(names.index(n), grad_scale=coef)
+                    else:
+                        grads.scale_(idx, coef)
+                    scaled = coef < 1.0
+                    for n in set_names:  # a group of zeros is not changed by a shared coefficient
+                        clipped[n] = scaled & (group_norms[n] > 0)
+                else:
+                    for n in set_names:
+                        clipped[n] = grads.exceeds(max_abs, members[n], threshold)
+                        if fused:
+                            optimizer.scale_next_step(names.index(n), clip_value=threshold)
+                    if not fused:
+                        grads.clamp_(idx, threshold)
+        # In the groups' order; a group no clipping set touched is not clipped.
+        false = None if len(clipped) == len(names) else torch.zeros((), dtype=torch.bool, device=device)
+        clipped = {n: clipped.get(n, false) for n in names}
         return ClipReport(total_norm=total, group_norms=group_norms, clipped=clipped, finite=finite)
 
     def should_skip(self, report: ClipReport) -> bool:
@@ -338,11 +330,9 @@ class GradientClipper:
                 raise invalid(OWNER, "optimizer", _group_list(groups),
                               f"has two param groups named {name!r}; group names must be unique")
             names.append(name)
-            members[name] = []
-            for p in group["params"]:
-                if p.grad is not None:
-                    members[name].append(len(grads))
-                    grads.append(p.grad)
+            present = [g for g in [p.grad for p in group["params"]] if g is not None]
+            members[name] = list(range(len(grads), len(grads) + len(present)))  # ascending: _Norms.of relies on it
+            grads += present
         unknown = [n for n in self.per_group if n not in members]
         if unknown:
             raise invalid(OWNER, "per_group", unknown[0], "names no param group of the optimizer, whose "
@@ -350,35 +340,144 @@ class GradientClipper:
         return names, members, grads
 
 
-def _tensor_norms(grads: list[Tensor], norm_type: float) -> list[Tensor]:
-    """The norm of each tensor, in ``grads``' order: one foreach kernel per device and dtype."""
-    out: list[Tensor] = [None] * len(grads)  # type: ignore[list-item]
-    if not grads:  # the grouping helper rejects an empty list
-        return out
-    buckets = _group_tensors_by_device_and_dtype([grads], with_indices=True)
-    for (device, _), ([ts], indices) in buckets.items():
-        # The same choice of kernel as clip_grad_norm_, so the norms are the same bits.
-        if _has_foreach_support(ts, device):
-            norms = torch._foreach_norm(ts, norm_type)
+class _Grads:
+    """The flat gradient list of one ``clip_``, bucketed once by (device, dtype).
+
+    ``clip_grad_norm_`` computes the per-tensor norms bucket by bucket (one ``_foreach_norm``
+    per bucket) and stacks them in the grouping helper's bucket order, not the list's order;
+    the final reduction's rounding depends on that order, so every norm here follows it. The
+    grouping is done once per ``clip_`` (a C++ pass over the list). In the common case of a
+    single bucket (one device, one dtype), every subset's order is simply the list's order, so
+    subsets are never regrouped; only with several buckets is a subset that spans several of
+    them regrouped, by the same helper, to get the bucket order torch would give it.
+
+    Sharded (DTensor) grads are replaced by their local shards; their norms are made global
+    by :func:`lightning_optim.sharding.global_norms_`. A list of plain tensors (the common case,
+    checked once by type) skips that and the per-tensor foreach-support check."""
+
+    def __init__(self, raw: list[Tensor]) -> None:
+        self.raw = raw
+        # Plain tensors are not DTensors, and torch's foreach ops take any plain tensor
+        # (``has_foreach_support`` checks the types, then the device): with the types checked
+        # here once, only the device is left to check per bucket.
+        self.plain = set(map(type, raw)) <= {Tensor}
+        self.grads = raw if self.plain else [sharding.local(g) for g in raw]
+        self.device = self.grads[0].device if self.grads else torch.device("cpu")
+        # (device, tensors, flat indices, foreach-capable), in the grouping helper's order.
+        self.buckets: list[tuple[torch.device, list[Tensor], list[int], bool]] = []
+        if self.grads:  # the grouping helper rejects an empty list
+            for (dev, _), ([ts], indices) in _group_tensors_by_device_and_dtype([self.grads], with_indices=True).items():
+                self.buckets.append((dev, ts, indices, _has_foreach_support([] if self.plain else ts, dev)))
+        self.single = len(self.buckets) == 1
+        # clip_grad_norm_ moves every norm to the first grad's device before stacking them;
+        # on one device that ``.to`` returns the tensor itself, so it is skipped.
+        self.one_device = len({dev for dev, *_ in self.buckets}) <= 1
+
+    def norms(self, norm_type: float) -> _Norms:
+        """Each tensor's ``norm_type``-norm and the norms combined from them."""
+        return _Norms(self, self.tensor_norms(norm_type), norm_type)
+
+    def tensor_norms(self, norm_type: float) -> list[Tensor]:
+        """Each tensor's ``norm_type``-norm (of the whole tensor for sharded grads), in order."""
+        per_tensor: list[Tensor] = [None] * len(self.grads)  # type: ignore[list-item]
+        for dev, ts, indices, foreach in self.buckets:
+            # The same choice of kernel as clip_grad_norm_, so the norms are the same bits.
+            out = torch._foreach_norm(ts, norm_type) if foreach else [torch.linalg.vector_norm(g, norm_type) for g in ts]
+            if self.single:
+                per_tensor = list(out)
+            else:
+                for i, n in zip(indices, out):
+                    per_tensor[i] = n
+        if not self.plain:
+            sharding.global_norms_(self.raw, per_tensor, norm_type)
+        return per_tensor
+
+    def on_device_of(self, i: int, norms: list[Tensor]) -> list[Tensor]:
+        """``norms`` moved to ``grads[i]``'s device (clip_grad_norm_ stacks its norms on the
+        device of its list's first grad)."""
+        if self.one_device:
+            return norms
+        first = self.grads[i].device
+        return [n.to(first) for n in norms]
+
+    def subsets(self, idx: list[int]) -> list[tuple[torch.device, list[Tensor], list[int], bool]]:
+        """``grads[idx]`` by (device, dtype), in the grouping helper's order for that subset:
+        (device, tensors, their positions in ``idx``, foreach-capable)."""
+        if self.single:
+            dev, _, _, foreach = self.buckets[0]
+            return [(dev, [self.grads[i] for i in idx], list(range(len(idx))), foreach)]
+        sub = [self.grads[i] for i in idx]
+        return [(dev, ts, js, _has_foreach_support([] if self.plain else ts, dev))
+                for (dev, _), ([ts], js) in _group_tensors_by_device_and_dtype([sub], with_indices=True).items()]
+
+    def scale_(self, idx: list[int], coef: Tensor) -> None:
+        """Multiply ``grads[idx]`` by the 0-d ``coef``, in place."""
+        for dev, ts, _, foreach in self.subsets(idx):
+            c = coef.to(dev)
+            if foreach:
+                torch._foreach_mul_(ts, c)
+            else:
+                for g in ts:
+                    g.mul_(c)
+
+    def clamp_(self, idx: list[int], bound: float) -> None:
+        """Clamp ``grads[idx]`` to ``[-bound, bound]``, in place."""
+        for dev, ts, _, foreach in self.subsets(idx):
+            if foreach:
+                torch._foreach_clamp_min_(ts, -bound)
+                torch._foreach_clamp_max_(ts, bound)
+            else:
+                for g in ts:
+                    g.clamp_(min=-bound, max=bound)
+
+    def exceeds(self, max_abs: list[Tensor], idx: list[int], bound: float) -> Tensor:
+        """0-d bool: does any entry of ``grads[idx]`` exceed ``bound`` in absolute value."""
+        if not idx:
+            return torch.zeros((), dtype=torch.bool, device=self.device)
+        # Compare in each grad's own dtype, as the clamp rounds the bound to it: a bf16 grad
+        # equal to bf16(bound) is not changed, so it must not count as clipped.
+        flags = [(torch.stack([max_abs[idx[j]] for j in js]).amax() > bound).to(self.device)
+                 for _, _, js, _ in self.subsets(idx)]
+        return flags[0] if len(flags) == 1 else torch.stack(flags).any()
+
+
+class _Norms:
+    """Per-tensor norms of a :class:`_Grads` and the norm of any subset of it, combined as
+    ``clip_grad_norm_`` combines them: ``vector_norm(stack(per-tensor norms in bucket order))``.
+
+    The total's stacked vector is built once. With a single bucket, a subset that is a
+    contiguous run of the list (every param group is one: the list is built group by group)
+    is a copy of a slice of it, the same values in the same order as a fresh stack, so the
+    same bits (copied rather than viewed: a reduction over a misaligned view may split its
+    vectorised loads differently on CUDA)."""
+
+    def __init__(self, grads: _Grads, per_tensor: list[Tensor], norm_type: float) -> None:
+        self.grads, self.per_tensor, self.norm_type = grads, per_tensor, norm_type
+        if not per_tensor:
+            self.stacked = None
+            self.total = torch.zeros((), device=grads.device)
+            return
+        if grads.single:
+            self.stacked = torch.stack(per_tensor)
         else:
-            norms = [torch.linalg.vector_norm(g, norm_type) for g in ts]
-        for i, n in zip(indices, norms):
-            out[i] = n
-    return out
+            self.stacked = torch.stack(grads.on_device_of(0, [per_tensor[i] for _, _, indices, _ in grads.buckets
+                                                              for i in indices]))
+        self.total = torch.linalg.vector_norm(self.stacked, norm_type)
 
-
-def _combine(grads: list[Tensor], norms: list[Tensor], idx: list[int], norm_type: float,
-             device: torch.device) -> Tensor:
-    """The norm of ``grads[idx]`` viewed as one vector, from their per-tensor norms."""
-    if not idx:
-        return torch.zeros((), device=device)
-    # clip_grad_norm_ stacks the per-tensor norms bucket by bucket, in the grouping helper's
-    # bucket order (not the list's order); the sum's rounding depends on it, so follow it.
-    sub = [grads[i] for i in idx]
-    grouped = _group_tensors_by_device_and_dtype([sub], with_indices=True)
-    first = sub[0].device
-    ordered = [norms[idx[j]].to(first) for _, (_, js) in grouped.items() for j in js]
-    return torch.linalg.vector_norm(torch.stack(ordered), norm_type)
+    def of(self, idx: list[int]) -> Tensor:
+        """The norm of ``grads[idx]`` viewed as one vector; ``idx`` ascending, as ``_collect`` builds it."""
+        if not idx:
+            return torch.zeros((), device=self.grads.device)
+        if len(idx) == len(self.per_tensor):  # all of them, in the list's order
+            return self.total
+        if self.grads.single:
+            if idx[-1] - idx[0] == len(idx) - 1:  # ascending and distinct: a contiguous run
+                vec = self.stacked[idx[0]:idx[-1] + 1].clone()
+            else:
+                vec = torch.stack([self.per_tensor[i] for i in idx])
+            return torch.linalg.vector_norm(vec, self.norm_type)
+        ordered = [self.per_tensor[idx[j]] for _, _, js, _ in self.grads.subsets(idx) for j in js]
+        return torch.linalg.vector_norm(torch.stack(self.grads.on_device_of(idx[0], ordered)), self.norm_type)
 
 
 def _coefficient(norm: Tensor, threshold: float) -> Tensor:
@@ -387,42 +486,6 @@ def _coefficient(norm: Tensor, threshold: float) -> Tensor:
     # A NaN/inf norm would turn every grad into NaN or 0: leave the grads as they came, so
     # the skipped step (or the user, with skip_nonfinite=False) still sees where they broke.
     return torch.where(torch.isfinite(norm), coef, torch.ones_like(coef))
-
-
-def _scale_by_norm(grads: list[Tensor], idx: list[int], norm: Tensor, threshold: float) -> Tensor:
-    """Scale ``grads[idx]`` by :func:`_coefficient`; return "did it scale" (0-d)."""
-    coef = _coefficient(norm, threshold)
-    for (device, _), ([ts], _) in _group_tensors_by_device_and_dtype([[grads[i] for i in idx]]).items():
-        c = coef.to(device)
-        if _has_foreach_support(ts, device):
-            torch._foreach_mul_(ts, c)
-        else:
-            for g in ts:
-                g.mul_(c)
-    return coef < 1.0
-
-
-def _clamp(grads: list[Tensor], idx: list[int], bound: float) -> None:
-    for (device, _), ([ts], _) in _group_tensors_by_device_and_dtype([[grads[i] for i in idx]]).items():
-        if _has_foreach_support(ts, device):
-            torch._foreach_clamp_min_(ts, -bound)
-            torch._foreach_clamp_max_(ts, bound)
-        else:
-            for g in ts:
-                g.clamp_(min=-bound, max=bound)
-
-
-def _exceeds(grads: list[Tensor], max_abs: list[Tensor], idx: list[int], bound: float,
-             device: torch.device) -> Tensor:
-    """0-d bool: does any entry of ``grads[idx]`` exceed ``bound`` in absolute value."""
-    if not idx:
-        return torch.zeros((), dtype=torch.bool, device=device)
-    # Compare in each grad's own dtype, as the clamp rounds the bound to it: a bf16 grad
-    # equal to bf16(bound) is not changed, so it must not count as clipped.
-    buckets = _group_tensors_by_device_and_dtype([[grads[i] for i in idx]], with_indices=True)
-    flags = [(torch.stack([max_abs[idx[j]] for j in js]).amax() > bound).to(device)
-             for _, (_, js) in buckets.items()]
-    return torch.stack(flags).any()
 
 
 def _group_list(groups: Any) -> str:
