@@ -331,7 +331,8 @@ class GradientClipper:
                               f"has two param groups named {name!r}; group names must be unique")
             names.append(name)
             present = [g for g in [p.grad for p in group["params"]] if g is not None]
-            members[name] = list(range(len(grads), len(grads) + len(present)))  # ascending: _Norms.of relies on it
+            # A contiguous ascending run of the flat list: _Norms.of relies on it.
+            members[name] = list(range(len(grads), len(grads) + len(present)))
             grads += present
         unknown = [n for n in self.per_group if n not in members]
         if unknown:
@@ -366,7 +367,8 @@ class _Grads:
         # (device, tensors, flat indices, foreach-capable), in the grouping helper's order.
         self.buckets: list[tuple[torch.device, list[Tensor], list[int], bool]] = []
         if self.grads:  # the grouping helper rejects an empty list
-            for (dev, _), ([ts], indices) in _group_tensors_by_device_and_dtype([self.grads], with_indices=True).items():
+            grouped = _group_tensors_by_device_and_dtype([self.grads], with_indices=True)
+            for (dev, _), ([ts], indices) in grouped.items():
                 self.buckets.append((dev, ts, indices, _has_foreach_support([] if self.plain else ts, dev)))
         self.single = len(self.buckets) == 1
         # clip_grad_norm_ moves every norm to the first grad's device before stacking them;
@@ -382,7 +384,10 @@ class _Grads:
         per_tensor: list[Tensor] = [None] * len(self.grads)  # type: ignore[list-item]
         for dev, ts, indices, foreach in self.buckets:
             # The same choice of kernel as clip_grad_norm_, so the norms are the same bits.
-            out = torch._foreach_norm(ts, norm_type) if foreach else [torch.linalg.vector_norm(g, norm_type) for g in ts]
+            if foreach:
+                out = torch._foreach_norm(ts, norm_type)
+            else:
+                out = [torch.linalg.vector_norm(g, norm_type) for g in ts]
             if self.single:
                 per_tensor = list(out)
             else:
@@ -406,9 +411,9 @@ class _Grads:
         if self.single:
             dev, _, _, foreach = self.buckets[0]
             return [(dev, [self.grads[i] for i in idx], list(range(len(idx))), foreach)]
-        sub = [self.grads[i] for i in idx]
+        grouped = _group_tensors_by_device_and_dtype([[self.grads[i] for i in idx]], with_indices=True)
         return [(dev, ts, js, _has_foreach_support([] if self.plain else ts, dev))
-                for (dev, _), ([ts], js) in _group_tensors_by_device_and_dtype([sub], with_indices=True).items()]
+                for (dev, _), ([ts], js) in grouped.items()]
 
     def scale_(self, idx: list[int], coef: Tensor) -> None:
         """Multiply ``grads[idx]`` by the 0-d ``coef``, in place."""
@@ -460,8 +465,8 @@ class _Norms:
         if grads.single:
             self.stacked = torch.stack(per_tensor)
         else:
-            self.stacked = torch.stack(grads.on_device_of(0, [per_tensor[i] for _, _, indices, _ in grads.buckets
-                                                              for i in indices]))
+            in_bucket_order = [per_tensor[i] for _, _, indices, _ in grads.buckets for i in indices]
+            self.stacked = torch.stack(grads.on_device_of(0, in_bucket_order))
         self.total = torch.linalg.vector_norm(self.stacked, norm_type)
 
     def of(self, idx: list[int]) -> Tensor:

@@ -69,7 +69,7 @@ def _grads(groups, *names) -> list[torch.Tensor]:
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_norms_and_clipped_grads_equal_torchs_on_every_path(layout, norm_type, per_group):
     groups = _groups(LAYOUTS[layout])
-    ref = [{"name": g["name"], "params": [_with_grad(p.grad.clone()) for p in g["params"] if p.grad is not None]}
+    ref = [{"name": g["name"], "params": [_with_grad(p.grad.clone()) for p in _params([g], g["name"])]}
            for g in groups]
     group_norm = {n: torch.nn.utils.get_total_norm(_grads(ref, n), norm_type) for n in NAMES}
     others = [n for n in NAMES if n not in per_group]
@@ -127,13 +127,15 @@ for all_sharded in (False, True):
                 params = []
                 for i, v in enumerate(values):
                     if shard and (all_sharded or i % 2 == 0):
-                        p = nn.Parameter(DTensor.from_local(torch.zeros(v.shape, dtype=v.dtype), mesh, [Shard(0)]))
+                        zeros = torch.zeros(v.shape, dtype=v.dtype)
+                        p = nn.Parameter(DTensor.from_local(zeros, mesh, [Shard(0)]))
                         p.grad = DTensor.from_local(v.clone(), mesh, [Shard(0)])
                     else:
                         p = nn.Parameter(torch.zeros(v.shape, dtype=v.dtype))
                         p.grad = v.clone()
                     params.append(p)
-                return torch.optim.SGD([{"name": "a", "params": params[:3]}, {"name": "b", "params": params[3:]}], lr=0.1)
+                groups = [{"name": "a", "params": params[:3]}, {"name": "b", "params": params[3:]}]
+                return torch.optim.SGD(groups, lr=0.1)
             reports, grads = [], []
             for shard in (True, False):
                 opt = optimizer(shard)
