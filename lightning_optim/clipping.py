@@ -193,7 +193,7 @@ class GradientClipper:
         norms = grads.norms(self.norm_type)
         total = norms.total
         group_norms = {n: norms.of(members[n]) for n in names}
-        finite = torch.isfinite(total)
+        finite = total_finite = torch.isfinite(total)
         if self.mode == "none" and self.norm_type != 2.0 and raw:
             # Finite grads can have squares that overflow (|g| > 1.8e19 in fp32) and would make
             # Adam-style second moments inf for good; a 1- or inf-norm does not see that, and
@@ -210,7 +210,7 @@ class GradientClipper:
                     continue
                 if self.mode == "norm":
                     norm = group_norms[set_names[0]] if len(set_names) == 1 else norms.of(idx)
-                    coef = _coefficient(norm, threshold)
+                    coef = _coefficient(norm, threshold, total_finite if norm is total else None)
                     if fused:
                         for n in set_names:
                             optimizer.scale_next_step(names.index(n), grad_scale=coef)
@@ -485,12 +485,13 @@ class _Norms:
         return torch.linalg.vector_norm(torch.stack(self.grads.on_device_of(idx[0], ordered)), self.norm_type)
 
 
-def _coefficient(norm: Tensor, threshold: float) -> Tensor:
-    """min(1, threshold / (norm + 1e-6)), clip_grad_norm_'s; 1 for a non-finite norm."""
+def _coefficient(norm: Tensor, threshold: float, finite: Tensor | None = None) -> Tensor:
+    """min(1, threshold / (norm + 1e-6)), clip_grad_norm_'s; 1 for a non-finite norm.
+    ``finite``: ``isfinite(norm)`` when the caller has it already."""
     coef = torch.clamp(threshold / (norm + 1e-6), max=1.0)
     # A NaN/inf norm would turn every grad into NaN or 0: leave the grads as they came, so
     # the skipped step (or the user, with skip_nonfinite=False) still sees where they broke.
-    return torch.where(torch.isfinite(norm), coef, torch.ones_like(coef))
+    return torch.where(torch.isfinite(norm) if finite is None else finite, coef, torch.ones_like(coef))
 
 
 def _group_list(groups: Any) -> str:
