@@ -63,8 +63,13 @@ Triton
     the shared grads to norm 1 once, then by a coefficient of about 1 each step).
 
 Compiled
-    ``compiled`` (each rule compiled by Inductor over the bucket, one pass over memory) is
-    timed on every device. Its first step compiles: the run prints that cost per rule,
+    ``compiled`` (one pass over memory: torch's own fused kernel where one computes the
+    rule, Adam/AdamW/SGD/Adagrad on CPU; else the rule compiled by Inductor over the bucket)
+    is timed on every device, and ``compiled (Inductor)`` (backend ``inductor`` here: the
+    same with torch's kernels switched off) puts Inductor's graph of those four rules next to
+    torch's kernel. The clipped AdamW rows run on ``auto`` (on CPU torch's kernel, which takes
+    the coefficient as its divisor and writes the clipped g back: 36 B/param) and on Inductor
+    (the coefficient inside the graph: 32 B/param). A first step that compiles: the run prints that cost per row,
     cold (a fresh Inductor cache directory, unless ``--inductor-cache`` names one) and warm
     (the same step again after ``torch._dynamo.reset()``: Dynamo traces again, Inductor reads
     its on-disk cache). A new process pays about the warm figure plus Inductor's start-up.
@@ -75,9 +80,10 @@ Floor
     at that bus speed; ``vs floor`` is the median over it.
 
 Backends
-    ``auto`` resolves to ``triton`` on CUDA when Triton is installed, else ``foreach``
-    (the resolved name is shown), and is
-    measured anyway, as a check that resolution costs nothing per step. ``reference``
+    ``auto`` resolves to ``triton`` on CUDA when Triton is installed; on CPU to ``compiled``
+    where torch's fused kernels compute the rule or the model has 10M parameters or more, else
+    ``foreach`` (the resolved name is shown), and is measured anyway, as a check that
+    resolution costs nothing per step. ``reference``
     (one tensor at a time, the test oracle) is only measured with ``--with-reference``.
     On CUDA it launches several kernels per tensor and is slow. On a CPU it is about as
     fast as foreach (torch's CPU foreach ops are a C++ loop over the tensors anyway; the
@@ -252,6 +258,24 @@ def triton_bytes(opt) -> int:
     return total
 
 
+class InductorOnly:
+    """An optimizer on ``backend="compiled"`` with torch's fused kernels switched off
+    (``compiled.TORCH_KERNELS = False`` around each step): every bucket through Inductor, the
+    row ``compiled (Inductor)``, so rules that ``compiled`` hands to torch's kernels (Adam,
+    AdamW, SGD, Adagrad) are measured on both paths in the same run."""
+
+    def __init__(self, opt) -> None:
+        self.opt, self.state = opt, opt.state
+        self.backend = opt.backend
+
+    def step(self) -> None:
+        compiled_backend.TORCH_KERNELS = False
+        try:
+            self.opt.step()
+        finally:
+            compiled_backend.TORCH_KERNELS = True
+
+
 class ClippedOurs:
     """Our AdamW on a fused-transform backend (``triton`` or ``compiled``) behind
     ``GradientClipper(mode="norm")``, the library's own path: the clipper's per-tensor norms
@@ -260,14 +284,22 @@ class ClippedOurs:
     them, no host sync. The grads stay as they are, so every timed step clips the same way."""
 
     def __init__(self, params, max_norm: float, backend: str) -> None:
-        self.opt = create_optimizer("adamw", [{"params": params, "name": "all"}], backend=backend, weight_decay=0.1)
+        inductor = backend == "inductor"
+        self.opt = create_optimizer("adamw", [{"params": params, "name": "all"}],
+                                    backend="compiled" if inductor else backend, weight_decay=0.1)
         self.clipper = GradientClipper(mode="norm", max_norm=max_norm)
         self.params = params
         self.state = self.opt.state
+        self.inductor = inductor
 
     def step(self) -> None:
         self.clipper.clip_(self.opt)
-        self.opt.step()
+        if self.inductor:
+            compiled_backend.TORCH_KERNELS = False
+        try:
+            self.opt.step()
+        finally:
+            compiled_backend.TORCH_KERNELS = True
 
 
 class ClippedTorch:
@@ -402,9 +434,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=7, help="interleaved rounds (default 7)")
     ap.add_argument("--rules", default=",".join(optimizers()),
                     help="comma-separated registry names (default: all)")
-    ap.add_argument("--backends", default="auto,foreach,compiled,triton,reference",
-                    help="comma-separated backends (default auto,foreach,compiled,triton,reference; triton needs "
-                         "CUDA, reference needs --with-reference)")
+    ap.add_argument("--backends", default="auto,foreach,compiled,inductor,triton,reference",
+                    help="comma-separated backends (default auto,foreach,compiled,inductor,triton,reference; "
+                         "inductor: compiled with torch's fused kernels off, for the rules compiled hands to them; "
+                         "triton needs CUDA, reference needs --with-reference)")
     ap.add_argument("--inductor-cache", metavar="DIR", default=None,
                     help="Inductor's cache directory for the compiled rows (default: a fresh temporary one, so "
                          "the first-step compile cost printed is the cold one)")
@@ -465,7 +498,7 @@ def main(argv=None) -> int:
 
     shapes = parse_sizes(args.sizes) if args.sizes else gpt2_shapes(args.width, vocab)
     names = [n for n, _ in shapes]
-    n_fused = sum(b in backends for b in ("triton", "compiled"))
+    n_fused = sum(b in backends for b in ("triton", "compiled", "inductor"))
     n_configs = (0 if args.no_baselines else len(BASELINES)) + len(rules) * len(backends) + n_fused + (n_fused > 0)
     need = estimate_bytes(shapes, dtype, n_configs)
     have = available_bytes(device)
@@ -495,17 +528,24 @@ def main(argv=None) -> int:
         for backend in backends:
             ps = fresh_params(values, grads)
             try:
-                opt = build_ours(rule, backend, ps, names)
+                opt = build_ours(rule, "compiled" if backend == "inductor" else backend, ps, names)
             except ValueError as e:
                 notes.append(f"{rule} / {backend} skipped: {e}")
                 continue
-            configs.append(Config(rule, backend, opt.backend, opt, ps))
-    fused_backends = [b for b in ("triton", "compiled") if b in backends]
-    if fused_backends:
-        for b in fused_backends:
-            ps = fresh_params(values, grads)
-            label = f"ours: GradientClipper + {b} step"
-            configs.append(Config("adamw + clip", label, label, ClippedOurs(ps, args.max_norm, b), ps))
+            if backend == "inductor":
+                configs.append(Config(rule, "compiled (Inductor)", "compiled (Inductor)", InductorOnly(opt), ps))
+            else:
+                configs.append(Config(rule, backend, opt.backend, opt, ps))
+    # The clipped AdamW step on each single-pass path: auto (on CPU: torch's fused kernel, the
+    # coefficient as its divisor), Inductor's graph (the coefficient inside), triton.
+    clipped = [b for b in ("auto", "inductor", "triton") if b in backends]
+    if any(b in backends for b in ("triton", "compiled", "inductor")):
+        for b in clipped:
+            ps = fresh_params(values, [g.clone() for g in grads])  # torch's kernel writes the clipped g back
+            ours = ClippedOurs(ps, args.max_norm, b)
+            resolved = "compiled (Inductor)" if b == "inductor" else ours.opt.backend
+            label = f"ours: GradientClipper + {resolved} step"
+            configs.append(Config("adamw + clip", label, label, ours, ps))
         # Its own grads: clip_grad_norm_ rescales them in place, and the others share theirs.
         ps = fresh_params(values, [g.clone() for g in grads])
         label = "torch clip_grad_norm_ + fused"
@@ -513,12 +553,13 @@ def main(argv=None) -> int:
 
     # Warm-up: state creation, allocator, first-touch page faults. Untimed; a failure drops the row.
     for c in list(configs):
+        graphs = len(compiled_backend._GRAPHS)  # a compiled row that compiles nothing ran torch's kernels
         try:
             for i in range(args.warmup):
                 t0 = time.perf_counter()
                 c.opt.step()
                 sync(device)
-                if i == 0 and c.resolved == "compiled":
+                if i == 0 and c.resolved.startswith("compiled") and len(compiled_backend._GRAPHS) > graphs:
                     c.compile_s = (time.perf_counter() - t0, float("nan"))
         except RuntimeError as e:
             notes.append(f"{c.rule} / {c.backend} skipped: step failed: {str(e).splitlines()[0]}")
@@ -533,6 +574,8 @@ def main(argv=None) -> int:
             c.bytes_per_step += sum(p.grad.nbytes for p in c.params)  # the norm reads g once more
         if isinstance(c.opt, ClippedTorch):  # and clip_grad_norm_ rescales g in place: read + write
             c.bytes_per_step += 2 * sum(p.grad.nbytes for p in c.params)
+        if isinstance(c.opt, ClippedOurs) and c.opt.opt.backend == "compiled" and not c.opt.inductor:
+            c.bytes_per_step += sum(p.grad.nbytes for p in c.params)  # torch's kernel writes the clipped g back
 
     # The compile again, from Inductor's on-disk cache: Dynamo forgets its graphs (reset), the
     # backend its compiled functions; the next step traces again and loads the compiled code.
@@ -548,7 +591,7 @@ def main(argv=None) -> int:
     # step of a compiled configuration (the clipped one included) traces again.
     if any(c.compile_s is not None for c in configs):
         for c in configs:
-            if c.compile_s is not None or (isinstance(c.opt, ClippedOurs) and c.opt.opt.backend == "compiled"):
+            if c.compile_s is not None or isinstance(c.opt, (ClippedOurs, InductorOnly)):
                 c.opt.step()
                 sync(device)
     if compiled_backend._failed is not None:
@@ -646,7 +689,7 @@ def report(args, device, dtype, vocab, shapes, n_params, configs, notes, bw, ela
            " host ms: median CPU time of the step() call (launches and Python); the step is launch-bound "
            "where it exceeds median ms.")
     )
-    costs = [(c.rule, c.compile_s) for c in configs if c.compile_s is not None]
+    costs = [(f"{c.rule} {c.label}", c.compile_s) for c in configs if c.compile_s is not None]
     if costs:
         print("compile cost of the compiled rows, s (first step, which compiles, cold Inductor cache "
               f"-> the same after torch._dynamo.reset(), warm on-disk cache; cache {os.environ['TORCHINDUCTOR_CACHE_DIR']}):")

@@ -42,6 +42,7 @@ __all__ = [
     "Access",
     "drop_train_dataloader",
     "dtensor_local_storage",
+    "fused_optimizer_kernel",
     "group_tensors_by_device_and_dtype",
     "has_foreach_support",
     "hooked_data_loader",
@@ -71,7 +72,8 @@ class Access:
         attribute: its name.
         kind: ``"method"`` (a function on the class; ``params`` are its parameter names after
             ``self``), ``"property"`` (a property of the class), ``"function"`` (module level;
-            ``params`` its parameter names), ``"instance"`` (set on each instance: checked on a
+            ``params`` its parameter names), ``"op"`` (an ATen operator, ``torch.ops.aten.<attribute>``:
+            ``params`` the argument names of its schema), ``"instance"`` (set on each instance: checked on a
             fresh one), or ``"source"`` (the owner's source must still name it: an attribute
             the owner reads from objects of ours, or one set where no instance is cheap to make).
         params: the parameter names the call relies on, in order.
@@ -93,11 +95,26 @@ _CHECKPOINT = "lightning.pytorch.callbacks.model_checkpoint:ModelCheckpoint"
 _CSV_LOGGER = "lightning.pytorch.loggers.csv_logs:CSVLogger"
 _CSV_WRITER = "lightning.pytorch.loggers.csv_logs:ExperimentWriter"
 
+# torch's fused optimizer kernels (what torch.optim's fused=True runs), with the argument
+# names of their schemas on torch 2.13.0, which backends/torch_kernels.py passes by keyword.
+_ADAM_ARGS = ("self", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps", "lr", "beta1",
+              "beta2", "weight_decay", "eps", "amsgrad", "maximize", "grad_scale", "found_inf")
+_FUSED_KERNELS = {
+    "_fused_adam_": _ADAM_ARGS,
+    "_fused_adamw_": _ADAM_ARGS,
+    "_fused_sgd_": ("self", "grads", "momentum_buffer_list", "weight_decay", "momentum", "lr", "dampening",
+                    "nesterov", "maximize", "is_first_step", "grad_scale", "found_inf"),
+    "_fused_adagrad_": ("self", "grads", "state_sums", "state_steps", "lr", "lr_decay", "weight_decay", "eps",
+                        "maximize", "grad_scale", "found_inf"),
+}
+
 ACCESSES: tuple[Access, ...] = (
     Access("group_tensors_by_device_and_dtype", "torch.utils._foreach_utils", "_group_tensors_by_device_and_dtype",
            "function", ("tensorlistlist", "with_indices"), TORCH_CHECKED),
     Access("has_foreach_support", "torch.utils._foreach_utils", "_has_foreach_support", "function",
            ("tensors", "device"), TORCH_CHECKED),
+    *(Access("fused_optimizer_kernel", "torch.ops.aten", name, "op", params, TORCH_CHECKED)
+      for name, params in _FUSED_KERNELS.items()),
     Access("takes_amp_scale", "torch.amp.grad_scaler:GradScaler.step", "_step_supports_amp_scaling", "source",
            checked=TORCH_CHECKED),
     Access("takes_amp_scale", "lightning.fabric.plugins.precision.amp:_optimizer_handles_unscaling",
@@ -153,6 +170,17 @@ def has_foreach_support(tensors: list[Tensor], device: torch.device) -> bool:
     from torch.utils import _foreach_utils
 
     return _foreach_utils._has_foreach_support(tensors, device)
+
+
+def fused_optimizer_kernel(name: str) -> Callable[..., None]:
+    """torch's fused multi-tensor optimizer kernel ``name`` (``"_fused_adam_"``,
+    ``"_fused_adamw_"``, ``"_fused_sgd_"`` or ``"_fused_adagrad_"``), the one
+    ``torch.optim``'s ``fused=True`` calls: updates lists of tensors in place, in one pass.
+    Checked on torch 2.13.0: ``torch._fused_*`` (``torch.ops.aten._fused_*``), arguments by
+    the names in ``_FUSED_KERNELS``."""
+    if name not in _FUSED_KERNELS:
+        raise KeyError(f"no fused torch kernel named {name!r}: {sorted(_FUSED_KERNELS)}")
+    return getattr(torch, name)
 
 
 def takes_amp_scale(optimizer: torch.optim.Optimizer) -> bool:

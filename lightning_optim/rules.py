@@ -105,6 +105,10 @@ class RuleSpec:
             ``mu_product``): on the device with device step counts, never read by the host.
         torch_names: the ``torch.optim`` classes with this rule's state layout, whose state
             the statistics read with this spec.
+        torch_kernel: ``group -> name or None``: torch's own fused kernel (``torch._fused_adamw_``
+            and the like, what ``torch.optim``'s ``fused=True`` runs) that computes this rule
+            exactly for the group's options, or None where none does; the compiled backend
+            runs it instead of compiling the same loop (:mod:`lightning_optim.backends.torch_kernels`).
         names: the registry (and Hydra) names of the class declaring this spec, each a
             :class:`Preset` (``momentum`` is SGD with momentum=0.9).
     """
@@ -120,6 +124,7 @@ class RuleSpec:
     row_coupled: bool = False
     scalar_state: tuple[str, ...] = ()
     torch_names: tuple[str, ...] = field(default=())
+    torch_kernel: Callable[[Mapping[str, Any]], str | None] | None = None
     names: Mapping[str, Preset] = field(default_factory=dict)
 
     def __repr__(self) -> str:

@@ -42,6 +42,11 @@ def test_tied_model_trains_with_coupled_adam_and_replaces_configure_optimizers(c
     assert last < 0.8 * first, (first, last)
 
 
+# The registry names whose every group torch's fused CPU kernels compute (auto: compiled);
+# CoupledAdam's coupled embedding group is not one of them.
+TORCH_KERNEL_NAMES = {"sgd", "momentum", "nesterov", "adagrad", "adam", "amsgrad", "adamw"}
+
+
 @pytest.mark.parametrize("name", lo.optimizers())
 def test_every_optimizer_trains_a_module_without_configure_optimizers(name, caplog):
     pl.seed_everything(0)
@@ -53,6 +58,10 @@ def test_every_optimizer_trains_a_module_without_configure_optimizers(name, capl
         t.fit(model, data())
     assert type(t.optimizers[0]) is lo.registry.REGISTRY[name].cls
     assert "the module defines no configure_optimizers()" in caplog.text
+    # The one line names the backend that runs and why auto chose it.
+    opt = t.optimizers[0]
+    assert f" on backend {opt.backend} ({opt.backend_reason})" in caplog.text
+    assert opt.backend == ("compiled" if name in TORCH_KERNEL_NAMES else "foreach"), opt.backend_reason
     assert sum(model.losses[-5:]) / 5 < sum(model.losses[:5]) / 5
 
 

@@ -101,6 +101,11 @@ def test_private_attribute_is_where_compat_expects_it(access, tmp_path):
     elif access.kind == "instance":
         found = hasattr(_instance(access.owner, tmp_path), access.attribute)
         detail = "no such attribute on a fresh instance"
+    elif access.kind == "op":
+        op = getattr(getattr(torch.ops.aten, access.attribute, None), "default", None)
+        params = [a.name for a in op._schema.arguments] if op is not None else None
+        found = params == list(access.params) and callable(getattr(torch, access.attribute, None))
+        detail = f"its schema's arguments are now {params}, compat calls it with {list(access.params)}"
     elif access.kind == "source":
         found = access.attribute in inspect.getsource(_resolve(access.owner))
         detail = "the source no longer names it"

@@ -29,6 +29,14 @@ from lightning_optim.clipping import GradientClipper
 from lightning_optim.validation import LightningOptimWarning
 from conftest import assert_rel
 
+@pytest.fixture(autouse=True)
+def _inductor_only(monkeypatch):
+    """Every bucket through Inductor's graph, which this file is about: the buckets torch's
+    fused kernels would take (dense fp32 Adam/AdamW/SGD/Adagrad) are held to the reference,
+    clipping included, in test_torch_kernels.py."""
+    monkeypatch.setattr(compiled, "TORCH_KERNELS", False)
+
+
 CLIPS = {
     "norm": dict(mode="norm", max_norm=0.05),
     "norm_inf_per_group": dict(mode="norm", norm_type=float("inf"), max_norm=0.5, per_group={"embedding": 0.01}),

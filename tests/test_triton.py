@@ -670,7 +670,7 @@ def test_kernels_compile_for_cuda(kernel_resources):
 def test_resolve(monkeypatch):
     p = torch.zeros(3, requires_grad=True)
     assert lo.Adam([p], backend="triton").backend == "triton"
-    assert lo.Adam([p]).backend == "foreach"  # auto stays foreach on CPU, interpreter or not
+    assert lo.Adam([p]).backend == "compiled"  # never triton on CPU, interpreter or not: torch's fused kernel
     assert backends.runner("triton") is tb.run
     with pytest.raises(ConfigurationError, match="float32, bfloat16 and float16"):
         lo.Adam([torch.zeros(3, dtype=torch.float64, requires_grad=True)], backend="triton")

@@ -168,10 +168,6 @@ def test_explicit_backend_is_kept(backend):
     assert AdamW(_params(), backend=backend).backend == backend
 
 
-def test_auto_backend_resolves_to_foreach_on_cpu():
-    assert AdamW(_params()).backend == "foreach"
-
-
 def test_unknown_registry_name_lists_names_and_suggests():
     with pytest.raises(ValueError) as info:
         create_optimizer("adamx", _params())

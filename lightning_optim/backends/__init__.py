@@ -1,33 +1,46 @@
 """Backends: interchangeable implementations of the same update rules.
 
 - ``reference``: one tensor at a time, the readable specification and the test oracle;
-- ``foreach``: multi-tensor ``torch._foreach_*`` ops, the default wherever Triton is not used;
+- ``foreach``: multi-tensor ``torch._foreach_*`` ops, several passes over memory per step;
 - ``triton``: one fused multi-tensor kernel per (device, dtype) bucket
   (:mod:`.triton`): CUDA tensors with Triton installed (``pip install lightning_optim[triton]``),
   or CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``, for tests: slow);
-- ``compiled``: each rule compiled by Inductor (``torch.compile``) over a whole bucket, one
-  pass over memory on any device Inductor has (:mod:`.compiled`); seconds of compiling per
-  bucket configuration on the first step, and ``foreach`` with one warning where compiling
-  fails. Only on request: ``auto`` never picks it (on a small job compiling costs more than
-  the steps save).
+- ``compiled``: one pass over memory per step on any device Inductor has (:mod:`.compiled`):
+  where torch ships a fused kernel that computes the rule exactly (Adam, AdamW, SGD, Adagrad
+  on dense fp32/fp64 CPU tensors: :mod:`.torch_kernels`) it runs that kernel, nothing to
+  compile; every other bucket is compiled by Inductor (seconds to a minute per bucket
+  configuration on the first step, ``foreach`` with one warning where compiling fails).
 
-``auto`` picks ``triton`` when every param is a CUDA tensor of fp32, bf16 or fp16 and
-Triton is importable, else ``foreach`` on every device torch has foreach ops for, else
-``reference``. The Triton kernels are checked against the reference under the interpreter
-on every CI run; on a GPU, an optimizer that ``auto`` gave ``triton`` first runs
-:func:`.triton.selfcheck.verify` for each of its param groups (two steps of the kernel on
-scratch tensors against the reference, once per configuration and process) and falls back
-to ``foreach``, with a warning that says why, when a kernel fails to compile or disagrees.
-An explicit ``backend="triton"`` is trusted as asked.
+``auto`` (:func:`choose_auto`) picks, once, at construction:
+
+- CUDA tensors of fp32, bf16 or fp16 with Triton importable: ``triton``. The Triton kernels
+  are checked against the reference under the interpreter on every CI run; on a GPU, an
+  optimizer that ``auto`` gave ``triton`` first runs :func:`.triton.selfcheck.verify` for
+  each of its param groups (two steps of the kernel on scratch tensors against the
+  reference, once per configuration and process) and falls back to ``compiled`` (Inductor's
+  own kernels, or foreach where it cannot compile), with a warning that says why, when a
+  kernel fails to compile or disagrees. An explicit ``backend="triton"`` is trusted as asked.
+- CPU tensors where torch's fused kernels compute every group's rule: ``compiled``, which
+  runs them (the very kernels of ``torch.optim.AdamW(fused=True)``, bit for bit).
+- Other CPU optimizers with at least :data:`AUTO_COMPILE_MIN_PARAMS` (10M) parameters:
+  ``compiled`` (Inductor). Below that, ``foreach``: a cold compile costs 25-70 s on 2 cores
+  (3-8 s from Inductor's on-disk cache) against ~3 ns saved per parameter and step, so on
+  a small model (the main job's 0.9M parameters, a few hundred steps) compiling would take
+  longer than the whole run's optimizer steps. ``backend="compiled"`` compiles anyway.
+- Else ``foreach`` on every device torch has foreach ops for, else ``reference``.
+
+The optimizer keeps the reason next to the name (``backend_reason``), and
+:class:`~lightning_optim.OptimizerCallback`'s one log line states both.
 
 An optimizer resolves its ``backend`` argument once, at construction, with
 :func:`resolve`, and takes the :class:`~.protocol.Backend` of that name from :func:`get`:
 every backend is called the same way, ``backend.step(spec, bucket, group, ...)``, and
-declares what it can do (``device_steps``, ``fused_grad_transform``, ``proves_itself``;
+declares what it can do (``device_steps``, ``fused_grad_transform``, ``step_tensors``, ``proves_itself``;
 see :mod:`.protocol`), which the optimizers and the clipper read instead of its name. Under
 it each backend module has the low-level ``run(rule, params, grads, state, steps, group)``:
-``steps`` are the step counts after this step's increment, Python floats for ``reference``,
-``foreach`` and ``compiled`` (read from CPU step tensors), the float32 0-d device step tensors
+``steps`` are the step counts after this step's increment, Python floats for ``reference``
+and ``foreach`` (read from CPU step tensors), those CPU tensors themselves for ``compiled``
+(``step_tensors``: torch's kernels read them), the float32 0-d device step tensors
 themselves for ``triton``, which counts and reads them on the device (so its step needs no
 host sync and can be captured in a CUDA graph; see :mod:`.triton`).
 
@@ -37,9 +50,11 @@ what runs:
 
 - ``foreach=True``: ``foreach``; ``foreach=False``: ``reference`` (torch's per-tensor loop);
 - ``fused=True``: the single-pass path, ``triton`` (under ``auto``'s self-check) when every
-  param is a CUDA tensor of a dtype it has and Triton is installed, else ``foreach`` with one
+  param is a CUDA tensor of a dtype it has and Triton is installed; on CPU, ``compiled`` where
+  torch's fused kernels compute every group's rule (the kernels ``torch.optim``'s
+  ``fused=True`` runs there); else ``foreach`` with one
   :class:`~lightning_optim.validation.LightningOptimWarning` that says why;
-  ``fused=False``: anything but ``triton``;
+  ``fused=False``: anything but a single-pass backend (``triton``, ``compiled``);
 - ``capturable=True``: the step counts live on the device on ``triton`` already; on another
   backend with CUDA params the step is the same but reads the counts on the host (not
   capturable in a CUDA graph), which warns once; CPU params: nothing to capture, a no-op;
@@ -62,14 +77,17 @@ from collections.abc import Callable, Iterable
 import torch
 
 from ..validation import ConfigurationError, ConflictingOptions, boolean, choice, invalid, optional_boolean
-from . import compiled, foreach, reference
+from . import compiled, foreach, reference, torch_kernels
 from . import triton as triton_backend
 from .protocol import Backend, Bucket
 
-__all__ = ["BACKENDS", "Backend", "Bucket", "get", "resolve", "confirm_auto", "from_torch_keywords",
-           "capturable_warning", "real_dtype", "runner", "TORCH_KEYWORDS"]
+__all__ = ["BACKENDS", "SINGLE_PASS", "AUTO_COMPILE_MIN_PARAMS", "Backend", "Bucket", "get", "resolve",
+           "resolve_why", "choose_auto", "confirm_auto", "from_torch_keywords", "capturable_warning", "real_dtype",
+           "runner", "TORCH_KEYWORDS"]
 
 BACKENDS = ("auto", "reference", "foreach", "triton", "compiled")
+# The backends that update a bucket in one pass: what torch's ``fused=True`` asks for.
+SINGLE_PASS = ("triton", "compiled")
 
 # Devices whose foreach ops are known to work. torch falls back to a per-tensor C++ loop
 # where it has no fused kernel, which still beats a Python loop.
@@ -88,21 +106,78 @@ def real_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype.to_real() if dtype.is_complex else dtype
 
 
-def resolve(owner: str, backend: str, params: Iterable[torch.Tensor]) -> str:
-    """The concrete backend for ``backend`` on the devices of ``params``."""
+# From how many parameters ``auto`` compiles on CPU a rule that torch has no kernel for: the
+# compile (25-70 s cold, 3-8 s from Inductor's on-disk cache, on 2 cores) against the ~3 ns
+# per parameter and step the single pass saves over foreach (benchmarks/RESULTS.md): at 10M
+# parameters a cold compile pays for itself after about 1000 steps, a warm one after 150.
+AUTO_COMPILE_MIN_PARAMS = 10_000_000
+
+# (rule spec, param group) of each group, as the optimizer will run them.
+Groups = Iterable[tuple[object, dict]]
+
+
+def resolve(owner: str, backend: str, params: Iterable[torch.Tensor], groups: Groups = ()) -> str:
+    """The concrete backend for ``backend`` on the devices of ``params``; ``groups``: each
+    group's (rule spec, group), which ``auto`` reads on CPU (see :func:`choose_auto`)."""
+    return resolve_why(owner, backend, params, groups)[0]
+
+
+def resolve_why(owner: str, backend: str, params: Iterable[torch.Tensor], groups: Groups = ()) -> tuple[str, str]:
+    """:func:`resolve`, and why: the reason ``auto`` gives for its choice (for the one-line
+    log), or "asked for" for an explicit backend."""
     choice(owner, "backend", backend, BACKENDS)
     params = list(params)
     devices = {p.device.type for p in params}
     if backend == "triton":
         _check_triton(owner, params, devices)
-        return backend
+        return backend, "asked for"
     if backend != "auto":
-        return backend
+        return backend, "asked for"
+    return choose_auto(params, list(groups))
+
+
+def choose_auto(params: list[torch.Tensor], groups: list[tuple[object, dict]]) -> tuple[str, str]:
+    """``auto``'s choice for ``params`` in ``groups``, and the reason it gives.
+
+    - CUDA tensors of fp32/bf16/fp16 with Triton importable: ``triton`` (checked on the device
+      before it is trusted, :func:`confirm_auto`; ``compiled`` if the check fails);
+    - CPU tensors where every group's rule and options are computed exactly by one of torch's
+      fused kernels (Adam, AdamW, SGD, Adagrad: :mod:`.torch_kernels`): ``compiled``, which runs
+      those kernels, one pass, nothing to compile;
+    - other CPU optimizers of at least :data:`AUTO_COMPILE_MIN_PARAMS` parameters: ``compiled``
+      (Inductor, one pass per step, compiled once per process);
+    - else ``foreach`` wherever torch has foreach ops, else ``reference``."""
+    devices = {p.device.type for p in params}
     if (params and devices <= AUTO_TRITON_DEVICES and triton_backend.available()
             and (devices != {"cpu"} or triton_backend.interpreter_enabled())
             and all(real_dtype(p.dtype) in _TRITON_DTYPES for p in params)):
-        return "triton"
-    return "foreach" if devices <= _FOREACH_DEVICES else "reference"
+        return "triton", "CUDA tensors and Triton: one fused kernel per bucket"
+    if not devices <= _FOREACH_DEVICES:
+        return "reference", f"no foreach ops on {', '.join(sorted(devices - _FOREACH_DEVICES))}"
+    if not params or devices != {"cpu"}:
+        return "foreach", "multi-tensor ops"
+    if groups and all(_torch_kernel_takes(spec, group) for spec, group in groups):
+        return "compiled", "torch's fused kernels compute every group's rule: one pass, nothing to compile"
+    n = sum(p.numel() for p in params)
+    if n >= AUTO_COMPILE_MIN_PARAMS and compiled.why_unavailable() is None:
+        return "compiled", (f"{n / 1e6:.1f}M parameters: one Inductor-compiled pass per step, worth its compile "
+                            f"(once per process) from {AUTO_COMPILE_MIN_PARAMS / 1e6:g}M")
+    why = compiled.why_unavailable()
+    if why is not None:
+        return "foreach", f"compiling is unavailable here ({why})"
+    return "foreach", (f"{n / 1e6:.2f}M parameters: compiling a single pass (tens of seconds, once) would cost "
+                       f"more than it saves below {AUTO_COMPILE_MIN_PARAMS / 1e6:g}M; backend='compiled' compiles anyway")
+
+
+def _torch_kernel_takes(spec, group: dict) -> bool:
+    """Whether torch's fused kernels update every param of ``group``, as far as the params
+    tell before the first step (:func:`.torch_kernels.kernel_for` decides per bucket and step):
+    dense CPU tensors of float32/float64 (complex ones as their real view), which never get
+    fp32 masters."""
+    if getattr(spec, "torch_kernel", None) is None or spec.torch_kernel(group) is None:
+        return False
+    return all(p.device.type == "cpu" and real_dtype(p.dtype) in torch_kernels.KERNEL_DTYPES and p.is_contiguous()
+               for p in group["params"])
 
 
 def _check_triton(owner: str, params: list[torch.Tensor], devices: set[str]) -> None:
@@ -131,10 +206,12 @@ def _check_triton(owner: str, params: list[torch.Tensor], devices: set[str]) -> 
 
 def from_torch_keywords(owner: str, backend: str, params: Iterable[torch.Tensor], *, foreach: bool | None = None,
                         fused: bool | None = None, capturable: bool = False,
-                        differentiable: bool = False, torch_name: str | None = None) -> tuple[str, str | None]:
+                        differentiable: bool = False, torch_name: str | None = None,
+                        groups: Groups = ()) -> tuple[str, str | None]:
     """The ``backend`` argument that torch's keywords ask for, to pass on to :func:`resolve`,
     and a warning to give once (or None). See the module docstring for the mapping.
-    ``torch_name``: the ``torch.optim`` class with the same rule, for the advice."""
+    ``torch_name``: the ``torch.optim`` class with the same rule, for the advice; ``groups``:
+    each group's (rule spec, group), as for :func:`resolve`."""
     choice(owner, "backend", backend, BACKENDS)
     foreach = optional_boolean(owner, "foreach", foreach)
     fused = optional_boolean(owner, "fused", fused)
@@ -154,26 +231,30 @@ def from_torch_keywords(owner: str, backend: str, params: Iterable[torch.Tensor]
     if backend != "auto":
         # A keyword contradicts an explicit backend when it asks for another one (True) or
         # rules this one out (False); foreach=False with backend="triton" agrees, as in torch.
-        asks = {"foreach": "foreach", "fused": "triton"}
+        asks = {"foreach": ("foreach",), "fused": SINGLE_PASS}
         for key, value in (("foreach", foreach), ("fused", fused)):
-            if (value is True and backend != asks[key]) or (value is False and backend == asks[key]):
-                wanted = f"backend={asks[key]!r}" if value else f"a backend other than {backend!r}"
+            if (value is True and backend not in asks[key]) or (value is False and backend in asks[key]):
+                wanted = (" or ".join(f"backend={b!r}" for b in asks[key]) if value
+                          else f"a backend other than {backend!r}")
                 raise ConflictingOptions(
                     f"{owner}: backend={backend!r} conflicts with {key}={value!r}, which asks for {wanted}: "
                     "pass one of them (backend is the one argument that picks what runs)."
                 )
         return backend, None
     params = list(params)
+    groups = list(groups)
     if fused:
         why = _why_not_fused(params)
         if why is None:
             return "auto", None  # auto's triton, under its self-check on the device
+        if groups and {p.device.type for p in params} == {"cpu"} and all(_torch_kernel_takes(*sg) for sg in groups):
+            return "compiled", None  # the very kernels torch.optim's fused=True runs on CPU
         fallback = "foreach" if {p.device.type for p in params} <= _FOREACH_DEVICES else "reference"
         return fallback, (f"{owner}: fused=True, but {why}; using backend={fallback!r} instead (the same update "
                           f"in several passes over memory instead of one). backend={fallback!r} silences this.")
     if foreach is not None:
         return "foreach" if foreach else "reference", None
-    if fused is False and resolve(owner, "auto", params) == "triton":
+    if fused is False and resolve(owner, "auto", params, groups) in SINGLE_PASS:
         return "foreach", None
     return "auto", None
 
@@ -210,10 +291,13 @@ _RESOLVED: dict[str, Backend] = {
     "foreach": Backend("foreach", foreach.run),
     "triton": Backend("triton", triton_backend.run, device_steps=True, fused_grad_transform=True,
                       proves_itself=True),
-    "compiled": Backend("compiled", compiled.run, fused_grad_transform=True),
+    "compiled": Backend("compiled", compiled.run, fused_grad_transform=True, step_tensors=True),
 }
-# Where an ``auto`` choice that failed its check on the device goes instead.
+# Where an ``auto`` choice that failed its check on the device goes instead: a CUDA
+# optimizer to the compiled backend (Inductor's own Triton kernels, or foreach if it cannot
+# compile), any other to foreach.
 FALLBACK = "foreach"
+CUDA_FALLBACK = "compiled"
 
 
 def get(backend: str) -> Backend:
@@ -249,10 +333,11 @@ def confirm_auto(owner: str, backend: str, checks: Iterable[tuple[object, dict]]
         for dtype, device in {(real_dtype(p.dtype), p.device) for p in group["params"]}:
             reason = selfcheck.verify(spec, group, dtype, device, init_state)
             if reason is not None:
-                return FALLBACK, (
+                fallback = CUDA_FALLBACK if device.type == "cuda" else FALLBACK
+                return fallback, (
                     f"{owner}: backend='auto' chose the fused Triton kernels, but their check against the "
-                    f"reference failed on this machine: {reason}. Using backend={FALLBACK!r} instead (same "
-                    f"results, slower). Please report this with your GPU, driver and Triton versions; "
-                    f"backend={FALLBACK!r} silences this warning."
+                    f"reference failed on this machine: {reason}. Using backend={fallback!r} instead (same "
+                    f"results). Please report this with your GPU, driver and Triton versions; "
+                    f"backend={fallback!r} silences this warning."
                 )
     return None

@@ -8,6 +8,12 @@ fuses each tensor's whole update into one loop (a vectorised C++ loop on CPU, a 
 kernel on CUDA), so a step reads p, g and the state once and writes p and the state once,
 where the foreach backend streams the bucket through memory once per op.
 
+Where torch already ships that loop (its fused Adam, AdamW, SGD and Adagrad kernels, for the
+groups and buckets :func:`.torch_kernels.kernel_for` accepts: dense fp32/fp64 CPU tensors,
+no masters), :func:`run` hands the bucket to torch's kernel instead:
+the same single pass, nothing to compile (:mod:`.torch_kernels`). ``TORCH_KERNELS = False``
+sends every bucket through Inductor (the benchmarks' "compiled (Inductor)" rows, the tests).
+
 What specialises a graph, and what does not:
 
 - the *structure* of a group (the rule, ``maximize``, ``amsgrad``, ``nesterov``,
@@ -65,7 +71,7 @@ from torch import Tensor
 
 from .. import rules
 from ..validation import LightningOptimWarning
-from . import foreach
+from . import foreach, torch_kernels
 from .protocol import apply_grad_transform
 
 # ----- the rules, one tensor at a time, as pure functions ------------------------------------
@@ -334,6 +340,9 @@ def _bucket_step(P, G, slots, masters, rows, C, scale, bound, *, rule, keys, con
 # Dynamo caches graphs per code object, so buckets never evict each other's graphs or count
 # as recompilations of one another.
 _GRAPHS: dict[tuple, Callable] = {}
+# Where a rule's spec names a torch fused kernel for the group (:mod:`.torch_kernels`), run it
+# instead of compiling; False sends every bucket through Inductor (benchmarks, tests).
+TORCH_KERNELS = True
 _compile: Callable = torch.compile
 _failed: str | None = None  # why compiling failed in this process; then every step is foreach's
 _uncompiled: set[str] = set()  # rules without a pure function here, warned about once
@@ -361,6 +370,11 @@ def _coefficients(spec: rules.RuleSpec, state: dict, steps, h: dict) -> list[lis
     return [coefficients(h, t, x.item()) for t, x in zip(steps, state["mu_product"])]
 
 
+def why_unavailable() -> str | None:
+    """Why this process cannot compile a step (a compile failed already), or None."""
+    return _failed
+
+
 def _fall_back(reason: str) -> None:
     global _failed
     _failed = reason
@@ -386,6 +400,14 @@ def run(rule: rules.RuleSpec | str, params, grads, state, steps, group, row_mean
     warning per rule and process; there, and wherever the bucket falls back to foreach, the
     transform is applied to ``grads`` in place first, as for a backend without it."""
     spec = rules.get(rule)
+    masters = state.get("master_param")
+    if TORCH_KERNELS:
+        kernel = torch_kernels.kernel_for(spec, group, params, grads, state)
+        if kernel is not None:  # torch has this very loop built in: nothing to compile
+            torch_kernels.run(kernel, params, grads, state, _step_tensors(steps), group, grad_scale=grad_scale,
+                              clip_value=clip_value)
+            return
+    steps = _floats(steps)
     if spec.name not in RULES:
         if spec.name not in _uncompiled:
             _uncompiled.add(spec.name)
@@ -398,7 +420,6 @@ def run(rule: rules.RuleSpec | str, params, grads, state, steps, group, row_mean
     if _failed is not None or not params:
         _foreach(spec, params, grads, state, steps, group, row_mean, grad_scale, clip_value)
         return
-    masters = state.get("master_param")
     keys = tuple(k for k in state if k != "master_param" and k not in spec.scalar_state)
     work_dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
     device = params[0].device
@@ -444,6 +465,21 @@ def run(rule: rules.RuleSpec | str, params, grads, state, steps, group, row_mean
         _GRAPHS.pop(key, None)
         _fall_back(f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}")
         _foreach(spec, params, grads, state, steps, group, row_mean, grad_scale, clip_value)
+
+
+def _floats(steps) -> list[float]:
+    """The step counts as floats: ``Backend.step`` hands this backend the step tensors."""
+    if steps and isinstance(steps[0], Tensor):
+        return torch.stack(list(steps)).tolist()
+    return list(steps)
+
+
+def _step_tensors(steps) -> list[Tensor]:
+    """The step counts as the CPU float32 tensors torch's kernels read (direct callers of
+    :func:`run` may pass floats)."""
+    if steps and isinstance(steps[0], Tensor):
+        return list(steps)
+    return [torch.tensor(float(t), dtype=torch.float32) for t in steps]
 
 
 def _foreach(spec, params, grads, state, steps, group, row_mean, grad_scale, clip_value) -> None:

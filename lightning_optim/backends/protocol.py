@@ -15,6 +15,9 @@ GradScaler's found-inf flag and Coupled Adam's row-mean hook. It calls
   them to ``clip_value`` inside the update (one read of g instead of two passes; triton,
   compiled), and the ``.grad`` tensors are left unclipped; otherwise
   :meth:`Backend.step` applies both to the bucket's gradients, in place, before the update.
+- ``step_tensors``: with host step counts, the backend is handed the counted CPU step tensors
+  themselves rather than their values as floats, and reads them only where it needs them
+  (compiled: torch's fused kernels read the tensors; its Inductor graphs need the floats).
 - ``proves_itself``: when ``auto`` picks the backend, its kernels are checked against the
   reference on the device before they are trusted (:func:`lightning_optim.backends.confirm_auto`).
 
@@ -62,6 +65,7 @@ class Backend:
     run: Callable[..., None]
     device_steps: bool = False
     fused_grad_transform: bool = False
+    step_tensors: bool = False
     proves_itself: bool = False
 
     def step(self, rule: Any, bucket: Bucket, group: dict, *, row_mean: RowMean | None = None,
@@ -87,7 +91,7 @@ class Backend:
             else:
                 apply_grad_transform(bucket.grads, grad_scale, clip_value)
         torch._foreach_add_(bucket.steps, 1.0)
-        steps = torch.stack(bucket.steps).tolist()
+        steps = bucket.steps if self.step_tensors else torch.stack(bucket.steps).tolist()
         self.run(rule, bucket.params, bucket.grads, bucket.state, steps, group, row_mean, **transform)
 
 

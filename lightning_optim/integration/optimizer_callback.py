@@ -226,6 +226,7 @@ class OptimizerCallback(Callback):
                 raise ConfigurationError(f"{err} (this run takes {total} optimizer steps)") from err
         self._apply_pending_state()
         what = f"{type(optimizer).__name__}({', '.join(f'{k}={v}' for k, v in cfg.kwargs().items())}) over {summarize(groups)}"
+        what += f" on backend {optimizer.backend} ({optimizer.backend_reason})"
         if self.scheduler_config is not None:
             what += f"; schedule {describe(self.scheduler_config.name, **self.scheduler_config.options(total))}"
         what += f"; clipping {self.clipper.describe()}"

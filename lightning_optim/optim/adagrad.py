@@ -24,6 +24,7 @@ SPEC = register(RuleSpec(
     bytes_per_element=lambda h, e: 8,  # p rw, g r: 3E; + sum rw
     launch=_launch,
     torch_names=("Adagrad",),
+    torch_kernel=lambda h: "_fused_adagrad_",
     names={"adagrad": Preset({}, "AdaGrad (Duchi et al. 2011)")},
 ))
 

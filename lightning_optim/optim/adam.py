@@ -32,6 +32,9 @@ SPEC = register(RuleSpec(
     bytes_per_element=lambda h, e: 16 + 8 * bool(h.get("amsgrad")),
     launch=_launch,
     torch_names=("Adam", "AdamW"),
+    # torch's fused Adam/AdamW compute this rule, bias-corrected only.
+    torch_kernel=lambda h: (("_fused_adamw_" if h.get("decoupled_weight_decay") else "_fused_adam_")
+                            if h.get("bias_correction", True) else None),
     names={"adam": Preset({}, "Adam with L2 decay (Kingma & Ba 2015)"),
            "amsgrad": Preset({"amsgrad": True}, "Adam with the running-max second moment (Reddi et al. 2018)")},
 ))

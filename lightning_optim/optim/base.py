@@ -64,9 +64,11 @@ class Optimizer(StateDictMixin, torch.optim.Optimizer):
         params: tensors, ``(name, tensor)`` pairs, or param-group dicts, as torch takes them.
         defaults: the hyperparameters, validated by the subclass's ``_validate``.
         backend: ``"auto"``, ``"reference"``, ``"foreach"``, ``"triton"`` or ``"compiled"``
-            (what ``auto`` picks, and when: :mod:`..backends`). Resolved once, here.
+            (what ``auto`` picks, and when: :mod:`..backends`). Resolved once, here: the
+            attribute ``backend`` names what runs, ``backend_reason`` says why ``auto`` chose it.
         foreach: torch's keyword: True picks foreach, False reference.
-        fused: torch's keyword: True picks the single-pass kernels where they run, else
+        fused: torch's keyword: True picks the single-pass kernels where they run (triton on
+            CUDA; on CPU, torch's own fused kernels where they compute the rule), else
             foreach with a warning.
         capturable: torch's keyword: True picks a backend with device step counts.
         differentiable: torch's keyword: True raises (no backend is differentiable).
@@ -126,13 +128,21 @@ class Optimizer(StateDictMixin, torch.optim.Optimizer):
         # group options, so state dicts carry none of them.
         requested, note = backends.from_torch_keywords(
             self._owner, backend, params, foreach=foreach, fused=fused, capturable=capturable,
-            differentiable=differentiable, torch_name=self._owner if hasattr(torch.optim, self._owner) else None)
-        self._use_backend(backends.resolve(self._owner, requested, params), auto=requested == "auto")
+            differentiable=differentiable, torch_name=self._owner if hasattr(torch.optim, self._owner) else None,
+            groups=[(self.spec_for(g), g) for g in self.param_groups])
+        self._resolve_backend(requested, params)
         if note is None and capturable:
             note = backends.capturable_warning(self._owner, self.backend, params)
         if note is not None:
             self._warn_once("torch_keywords", note)
         self._confirm_auto(self.param_groups)
+
+    def _resolve_backend(self, requested: str, params: list[Tensor]) -> None:
+        """Resolve ``requested`` on ``params`` and this optimizer's groups, once; keep the
+        reason (``backend_reason``: what ``auto`` weighed, or "asked for")."""
+        name, self.backend_reason = backends.resolve_why(
+            self._owner, requested, params, [(self.spec_for(g), g) for g in self.param_groups])
+        self._use_backend(name, auto=requested == "auto")
 
     def _use_backend(self, name: str, *, auto: bool) -> None:
         """Run on the resolved backend ``name``; ``auto``: ``backend="auto"`` chose it, so a
@@ -228,6 +238,7 @@ class Optimizer(StateDictMixin, torch.optim.Optimizer):
             return
         fallback, warning = outcome
         self._use_backend(fallback, auto=False)
+        self.backend_reason = "auto's fused Triton kernels failed their check on this device"
         for state in self.state.values():  # step counts back to the CPU, where it keeps them
             self._scalars_to(state, torch.device("cpu"))
         self._warn_once("auto_backend", warning)

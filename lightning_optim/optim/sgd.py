@@ -27,6 +27,7 @@ SPEC = register(RuleSpec(
     bytes_per_element=lambda h, e: 8 if h.get("momentum", 0) != 0 else 0,
     launch=_launch,
     torch_names=("SGD",),
+    torch_kernel=lambda h: "_fused_sgd_",
     names={"sgd": Preset({}, "plain SGD"),
            "momentum": Preset({"momentum": 0.9}, "SGD with heavy-ball momentum 0.9"),
            "nesterov": Preset({"momentum": 0.9, "nesterov": True}, "SGD with Nesterov momentum 0.9")},

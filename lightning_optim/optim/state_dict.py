@@ -228,7 +228,10 @@ class StateDictMixin:
         function; step counts go where that backend keeps them."""
         params = [p for g in self.param_groups for p in g["params"]]
         requested = "auto" if self._auto_chosen else self.__dict__.get("backend", "auto")
-        self._use_backend(backends.resolve(self._owner, requested, params), auto=requested == "auto")
+        reason = self.__dict__.get("backend_reason")
+        self._resolve_backend(requested, params)
+        if reason is not None and requested != "auto":  # auto's choice, kept: keep its reason too
+            self.backend_reason = reason
         if not self._device_steps:
             for state in self.state.values():
                 self._scalars_to(state, torch.device("cpu"))
