@@ -384,7 +384,11 @@ class _Grads:
         per_tensor: list[Tensor] = [None] * len(self.grads)  # type: ignore[list-item]
         for dev, ts, indices, foreach in self.buckets:
             # The same choice of kernel as clip_grad_norm_, so the norms are the same bits.
-            if foreach:
+            if math.isinf(norm_type) and not all(map(Tensor.numel, ts)):
+                # max has no identity, so torch's inf-norm refuses an empty tensor; value mode
+                # asks it of every grad, and a param with no elements exceeds no bound: 0.
+                out = [torch.linalg.vector_norm(g, norm_type) if g.numel() else g.new_zeros(()) for g in ts]
+            elif foreach:
                 out = torch._foreach_norm(ts, norm_type)
             else:
                 out = [torch.linalg.vector_norm(g, norm_type) for g in ts]

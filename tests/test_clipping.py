@@ -495,3 +495,18 @@ def test_describe_is_one_line():
     for clipper, line in cases.items():
         assert clipper.describe() == line
         assert "\n" not in line and line in repr(clipper)
+
+
+@pytest.mark.parametrize("clip", [dict(mode="value", max_value=0.5), dict(mode="norm", norm_type=math.inf, max_norm=0.5)],
+                         ids=["value", "inf-norm"])
+def test_an_empty_grad_has_max_norm_zero(clip):
+    """max has no identity, so torch's inf-norm refuses an empty tensor; a param with no
+    elements (a zero-width layer) is no reason to fail: its max |g| is 0."""
+    import lightning_optim as lo
+
+    params = [torch.zeros(0, requires_grad=True), torch.tensor([3.0, -1.0], requires_grad=True)]
+    params[0].grad, params[1].grad = torch.zeros(0), torch.tensor([3.0, -1.0])
+    opt = lo.SGD(params, lr=0.1, backend="foreach")
+    report = GradientClipper(**clip).clip_(opt)
+    assert report.total_norm.item() == pytest.approx(3.0 if clip["mode"] == "norm" else math.sqrt(10.0))  # the report's p-norm
+    assert params[1].grad.abs().max().item() == pytest.approx(0.5, rel=1e-5)
