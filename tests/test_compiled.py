@@ -198,6 +198,26 @@ def test_resolve_accepts_compiled():
 
 
 @pytest.mark.slow
+def test_coupled_row_of_a_large_table_is_summed_in_blocks():
+    """A table of 300 rows: the row of g^2 is summed as 16 blocks of 18 rows plus a tail of 12
+    (compiled._row_sum_of_squares), which rounds differently from one sum, not more."""
+    from lightning_optim.backends import reference
+
+    results = {}
+    for name, backend in (("reference", reference), ("compiled", compiled)):
+        gen = torch.Generator().manual_seed(2)
+        params = [torch.randn(300, 8, generator=gen)]
+        state = {"exp_avg": [torch.zeros(300, 8)], "exp_avg_sq": [torch.zeros(1, 8)]}
+        group = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "maximize": False,
+                 "amsgrad": False, "bias_correction": True, "decoupled_weight_decay": True, "coupling_scale": 1.0}
+        for t in (1.0, 2.0, 3.0):
+            backend.run("coupled_adam", params, [torch.randn(300, 8, generator=gen)], state, [t], group)
+        results[name] = (params[0], state["exp_avg_sq"][0])
+    assert_rel(results["compiled"][0], results["reference"][0], 1e-6)
+    assert_rel(results["compiled"][1], results["reference"][1], 1e-6)
+
+
+@pytest.mark.slow
 def test_coupled_row_finished_outside_the_graph():
     """Coupled Adam's ``row_mean`` hook (a row-sharded param: the all-reduce that finishes the
     mean over the global vocabulary) runs outside the graph, and its row enters the graph:
