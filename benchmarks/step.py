@@ -538,14 +538,16 @@ def main(argv=None) -> int:
                 configs.append(Config(rule, backend, opt.backend, opt, ps))
     # The clipped AdamW step on each single-pass path: auto (on CPU: torch's fused kernel, the
     # coefficient as its divisor), Inductor's graph (the coefficient inside), triton.
-    clipped = [b for b in ("auto", "inductor", "triton") if b in backends]
     if any(b in backends for b in ("triton", "compiled", "inductor")):
-        for b in clipped:
+        labels = set()
+        for b in (b for b in ("auto", "compiled", "inductor", "triton") if b in backends):
             ps = fresh_params(values, [g.clone() for g in grads])  # torch's kernel writes the clipped g back
             ours = ClippedOurs(ps, args.max_norm, b)
             resolved = "compiled (Inductor)" if b == "inductor" else ours.opt.backend
             label = f"ours: GradientClipper + {resolved} step"
-            configs.append(Config("adamw + clip", label, label, ours, ps))
+            if label not in labels:  # auto and compiled are one path on CPU
+                labels.add(label)
+                configs.append(Config("adamw + clip", label, label, ours, ps))
         # Its own grads: clip_grad_norm_ rescales them in place, and the others share theirs.
         ps = fresh_params(values, [g.clone() for g in grads])
         label = "torch clip_grad_norm_ + fused"
@@ -574,7 +576,8 @@ def main(argv=None) -> int:
             c.bytes_per_step += sum(p.grad.nbytes for p in c.params)  # the norm reads g once more
         if isinstance(c.opt, ClippedTorch):  # and clip_grad_norm_ rescales g in place: read + write
             c.bytes_per_step += 2 * sum(p.grad.nbytes for p in c.params)
-        if isinstance(c.opt, ClippedOurs) and c.opt.opt.backend == "compiled" and not c.opt.inductor:
+        if (isinstance(c.opt, ClippedOurs) and c.opt.opt.backend == "compiled" and not c.opt.inductor
+                and device.type == "cpu"):
             c.bytes_per_step += sum(p.grad.nbytes for p in c.params)  # torch's kernel writes the clipped g back
 
     # The compile again, from Inductor's on-disk cache: Dynamo forgets its graphs (reset), the

@@ -142,6 +142,35 @@ def test_clipping_on_the_kernel_path(clipping):
         assert grads.abs().max().item() == 0.5
 
 
+@pytest.mark.slow
+def test_a_large_bucket_clipped_by_norm_goes_through_inductor(monkeypatch):
+    """From CLIP_IN_GRAPH_MIN_PARAMS elements a clipped bucket is compiled, so the coefficient
+    is applied inside the graph (.grad left as drawn) instead of by torch's kernel (.grad
+    clipped): the same step as clipping first on foreach, to 1e-6."""
+    from lightning_optim.clipping import GradientClipper
+
+    monkeypatch.setattr(compiled, "CLIP_IN_GRAPH_MIN_PARAMS", 20)
+    results = {}
+    for backend in ("foreach", "compiled"):
+        params = dense_params()
+        opt = lo.AdamW(params, lr=1e-2, backend=backend)
+        clipper = GradientClipper(mode="norm", max_norm=0.5)
+        gen = torch.Generator().manual_seed(2)
+        graphs = counters["stats"]["unique_graphs"]
+        for _ in range(2):
+            drawn = [torch.randn(p.shape, generator=gen) * 3 for p in params]
+            for p, g in zip(params, drawn):
+                p.grad = g.clone()
+            clipper.should_skip(clipper.clip_(opt))
+            opt.step()
+        if backend == "compiled":
+            assert counters["stats"]["unique_graphs"] == graphs + 1
+            assert all(torch.equal(p.grad, g) for p, g in zip(params, drawn))
+        results[backend] = params
+    for a, e in zip(results["compiled"], results["foreach"]):
+        assert_rel(a, e, 1e-6)
+
+
 @pytest.mark.parametrize("why, make", [
     ("bf16 (Inductor keeps our one rounding)", lambda: [torch.randn(8, dtype=torch.bfloat16)]),
     ("a strided view (the kernels index it as if dense)", lambda: [torch.randn(6, 8)[:, ::2]]),

@@ -11,7 +11,10 @@ where the foreach backend streams the bucket through memory once per op.
 Where torch already ships that loop (its fused Adam, AdamW, SGD and Adagrad kernels, for the
 groups and buckets :func:`.torch_kernels.kernel_for` accepts: dense fp32/fp64 CPU tensors,
 no masters), :func:`run` hands the bucket to torch's kernel instead:
-the same single pass, nothing to compile (:mod:`.torch_kernels`). ``TORCH_KERNELS = False``
+the same single pass, nothing to compile (:mod:`.torch_kernels`), except for a bucket of 10M
+elements or more that is clipped by norm: Inductor's graph applies the coefficient as it reads
+g, where torch's kernel writes the clipped g back (4 more bytes per parameter), and at that
+size the saving outweighs the compile. ``TORCH_KERNELS = False``
 sends every bucket through Inductor (the benchmarks' "compiled (Inductor)" rows, the tests).
 
 What specialises a graph, and what does not:
@@ -361,6 +364,9 @@ _GRAPHS: dict[tuple, Callable] = {}
 # Where a rule's spec names a torch fused kernel for the group (:mod:`.torch_kernels`), run it
 # instead of compiling; False sends every bucket through Inductor (benchmarks, tests).
 TORCH_KERNELS = True
+# From how many elements a bucket clipped by norm goes through Inductor's graph even where
+# torch has a kernel for its rule (see run).
+CLIP_IN_GRAPH_MIN_PARAMS = 10_000_000
 _compile: Callable = torch.compile
 _failed: str | None = None  # why compiling failed in this process; then every step is foreach's
 _uncompiled: set[str] = set()  # rules without a pure function here, warned about once
@@ -421,6 +427,12 @@ def run(rule: rules.RuleSpec | str, params, grads, state, steps, group, row_mean
     masters = state.get("master_param")
     if TORCH_KERNELS:
         kernel = torch_kernels.kernel_for(spec, group, params, grads, state)
+        if (kernel is not None and grad_scale is not None and clip_value is None and _failed is None
+                and sum(p.numel() for p in params) >= CLIP_IN_GRAPH_MIN_PARAMS):
+            # A large bucket clipped by norm: the coefficient inside Inductor's graph saves the
+            # kernel's write-back of the clipped g (32 instead of 36 B/param for fp32 AdamW),
+            # which outweighs a compile from this size on (benchmarks/RESULTS.md).
+            kernel = None
         if kernel is not None:  # torch has this very loop built in: nothing to compile
             torch_kernels.run(kernel, params, grads, state, _step_tensors(steps), group, grad_scale=grad_scale,
                               clip_value=clip_value)
