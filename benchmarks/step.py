@@ -576,9 +576,8 @@ def main(argv=None) -> int:
             c.bytes_per_step += sum(p.grad.nbytes for p in c.params)  # the norm reads g once more
         if isinstance(c.opt, ClippedTorch):  # and clip_grad_norm_ rescales g in place: read + write
             c.bytes_per_step += 2 * sum(p.grad.nbytes for p in c.params)
-        if (isinstance(c.opt, ClippedOurs) and c.opt.opt.backend == "compiled" and not c.opt.inductor
-                and device.type == "cpu"):
-            c.bytes_per_step += sum(p.grad.nbytes for p in c.params)  # torch's kernel writes the clipped g back
+        if isinstance(c.opt, ClippedOurs) and not all(torch.equal(p.grad, g) for p, g in zip(c.params, grads)):
+            c.bytes_per_step += sum(p.grad.nbytes for p in c.params)  # torch's kernel wrote the clipped g back
 
     # The compile again, from Inductor's on-disk cache: Dynamo forgets its graphs (reset), the
     # backend its compiled functions; the next step traces again and loads the compiled code.
