@@ -121,6 +121,7 @@ import torch
 
 from common import cpu_name, pick_device, sync
 from lightning_optim.backends import compiled as compiled_backend
+from lightning_optim.backends import torch_kernels
 from lightning_optim.backends import triton as triton_backend
 from lightning_optim.clipping import GradientClipper
 from lightning_optim.registry import create_optimizer, optimizers, options
@@ -281,7 +282,9 @@ class ClippedOurs:
     ``GradientClipper(mode="norm")``, the library's own path: the clipper's per-tensor norms
     (one foreach reduction), the coefficient handed to the step (``Optimizer.scale_next_step``),
     and the single-pass step applying it to g as it reads g: no pass over the grads to scale
-    them, no host sync. The grads stay as they are, so every timed step clips the same way."""
+    them, no host sync. ``backend="inductor"``: the compiled backend with torch's kernels off
+    (:class:`InductorOnly`). On torch's kernel path the clipped g is written back, so each
+    clipped row has its own copy of the grads."""
 
     def __init__(self, params, max_norm: float, backend: str) -> None:
         inductor = backend == "inductor"
@@ -291,15 +294,11 @@ class ClippedOurs:
         self.params = params
         self.state = self.opt.state
         self.inductor = inductor
+        self.stepper = InductorOnly(self.opt) if inductor else self.opt
 
     def step(self) -> None:
         self.clipper.clip_(self.opt)
-        if self.inductor:
-            compiled_backend.TORCH_KERNELS = False
-        try:
-            self.opt.step()
-        finally:
-            compiled_backend.TORCH_KERNELS = True
+        self.stepper.step()
 
 
 class ClippedTorch:
@@ -576,8 +575,10 @@ def main(argv=None) -> int:
             c.bytes_per_step += sum(p.grad.nbytes for p in c.params)  # the norm reads g once more
         if isinstance(c.opt, ClippedTorch):  # and clip_grad_norm_ rescales g in place: read + write
             c.bytes_per_step += 2 * sum(p.grad.nbytes for p in c.params)
-        if isinstance(c.opt, ClippedOurs) and not all(torch.equal(p.grad, g) for p, g in zip(c.params, grads)):
-            c.bytes_per_step += sum(p.grad.nbytes for p in c.params)  # torch's kernel wrote the clipped g back
+        if (isinstance(c.opt, ClippedOurs) and c.opt.opt.backend == "compiled" and not c.opt.inductor
+                and device.type == "cpu" and dtype in torch_kernels.KERNEL_DTYPES
+                and n_params < compiled_backend.WORTH_COMPILING_FROM):
+            c.bytes_per_step += sum(p.grad.nbytes for p in c.params)  # torch's kernel writes the clipped g back
 
     # The compile again, from Inductor's on-disk cache: Dynamo forgets its graphs (reset), the
     # backend its compiled functions; the next step traces again and loads the compiled code.

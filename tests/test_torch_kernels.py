@@ -144,12 +144,12 @@ def test_clipping_on_the_kernel_path(clipping):
 
 @pytest.mark.slow
 def test_a_large_bucket_clipped_by_norm_goes_through_inductor(monkeypatch):
-    """From CLIP_IN_GRAPH_MIN_PARAMS elements a clipped bucket is compiled, so the coefficient
+    """From WORTH_COMPILING_FROM elements a clipped bucket is compiled, so the coefficient
     is applied inside the graph (.grad left as drawn) instead of by torch's kernel (.grad
     clipped): the same step as clipping first on foreach, to 1e-6."""
     from lightning_optim.clipping import GradientClipper
 
-    monkeypatch.setattr(compiled, "CLIP_IN_GRAPH_MIN_PARAMS", 20)
+    monkeypatch.setattr(compiled, "WORTH_COMPILING_FROM", 20)
     results = {}
     for backend in ("foreach", "compiled"):
         params = dense_params()

@@ -106,11 +106,9 @@ def real_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype.to_real() if dtype.is_complex else dtype
 
 
-# From how many parameters ``auto`` compiles on CPU a rule that torch has no kernel for: the
-# compile (25-70 s cold, 3-8 s from Inductor's on-disk cache, on 2 cores) against the ~3 ns
-# per parameter and step the single pass saves over foreach (benchmarks/RESULTS.md): at 10M
-# parameters a cold compile pays for itself after about 1000 steps, a warm one after 150.
-AUTO_COMPILE_MIN_PARAMS = 10_000_000
+# From how many parameters ``auto`` compiles on CPU a rule that torch has no kernel for
+# (where a compile pays for itself: compiled.WORTH_COMPILING_FROM says why).
+AUTO_COMPILE_MIN_PARAMS = compiled.WORTH_COMPILING_FROM
 
 # (rule spec, param group) of each group, as the optimizer will run them.
 Groups = Iterable[tuple[object, dict]]

@@ -47,7 +47,8 @@ Clipping and AMP (``fused_grad_transform``, :mod:`.protocol`): the clip-by-norm 
 bound clamps it there, so the step reads g once where clipping first reads and writes it once
 more (8 of fp32 AdamW's 36 bytes per parameter). Both enter as 0-d tensors: a coefficient or
 bound that changes every step never recompiles; only having one or not is structural. The
-``.grad`` tensors are left unclipped, as on triton. The backend counts steps on the host (no
+``.grad`` tensors are left unclipped, as on triton (on torch's kernel path they come out
+clipped, see :mod:`.torch_kernels`). The backend counts steps on the host (no
 ``device_steps``), so ``torch.amp.GradScaler`` unscales the gradients and skips inf steps on
 the host, as for any torch optimizer.
 
@@ -364,9 +365,12 @@ _GRAPHS: dict[tuple, Callable] = {}
 # Where a rule's spec names a torch fused kernel for the group (:mod:`.torch_kernels`), run it
 # instead of compiling; False sends every bucket through Inductor (benchmarks, tests).
 TORCH_KERNELS = True
-# From how many elements a bucket clipped by norm goes through Inductor's graph even where
-# torch has a kernel for its rule (see run).
-CLIP_IN_GRAPH_MIN_PARAMS = 10_000_000
+# From how many parameters a compile pays for itself: 25-70 s cold (3-8 s from Inductor's
+# on-disk cache) on 2 cores, against ~3 ns per parameter and step the single pass saves over
+# foreach (benchmarks/RESULTS.md): at 10M a cold compile is repaid after about 1000 steps, a
+# warm one after 150. ``auto`` compiles from here (backends.AUTO_COMPILE_MIN_PARAMS), and a
+# bucket clipped by norm goes through Inductor's graph even where torch has a kernel (run).
+WORTH_COMPILING_FROM = 10_000_000
 _compile: Callable = torch.compile
 _failed: str | None = None  # why compiling failed in this process; then every step is foreach's
 _uncompiled: set[str] = set()  # rules without a pure function here, warned about once
@@ -423,7 +427,8 @@ def run(rule: rules.RuleSpec | str, params, grads, state, steps, group, row_mean
     ``row_mean(i, local_row_sum)`` Coupled Adam's hook for row-sharded params; plus the fused
     gradient transform (``fused_grad_transform``): every gradient is multiplied by the 0-d
     fp32 tensor ``grad_scale`` and then clamped to ``[-clip_value, clip_value]`` inside the
-    graph, as it is read for the update, so ``grads`` are left as they are.
+    graph, as it is read for the update, so ``grads`` are left as they are (a bucket on torch's
+    kernel writes them back clipped, :mod:`.torch_kernels`).
 
     A rule without a pure function here runs on :mod:`.foreach` (the same update), with one
     warning per rule and process; there, and wherever the bucket falls back to foreach, the
@@ -433,7 +438,7 @@ def run(rule: rules.RuleSpec | str, params, grads, state, steps, group, row_mean
     if TORCH_KERNELS:
         kernel = torch_kernels.kernel_for(spec, group, params, grads, state)
         if (kernel is not None and grad_scale is not None and clip_value is None and _failed is None
-                and sum(p.numel() for p in params) >= CLIP_IN_GRAPH_MIN_PARAMS):
+                and sum(p.numel() for p in params) >= WORTH_COMPILING_FROM):
             # A large bucket clipped by norm: the coefficient inside Inductor's graph saves the
             # kernel's write-back of the clipped g (32 instead of 36 B/param for fp32 AdamW),
             # which outweighs a compile from this size on (benchmarks/RESULTS.md).
